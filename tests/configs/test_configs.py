@@ -1,0 +1,88 @@
+"""Every shipped config parses; digits configs train with fast_dev_run; CIFAR/ImageNet configs build and step."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo.cli import ZooCLI
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+DIGITS = [c for c in CONFIGS if "/digits/" in c or c.endswith("quickstart.yaml")]
+FULL_SIZE = {"cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
+LARGE = [c for c in CONFIGS if any(f"/{k}/" in c for k in FULL_SIZE)]
+
+
+class ParseOnlyCLI(ZooCLI):
+    def instantiate_classes(self) -> None:  # parse and validate, build nothing
+        pass
+
+
+def test_configs_were_found():
+    assert len(CONFIGS) >= 9 and DIGITS and LARGE
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_parses(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = ParseOnlyCLI(args=["--config", config], run=False)
+    assert cli.config.model.class_path.startswith("zoo.methods.")
+    assert cli.config.data.class_path.startswith("zoo.data.")
+
+
+@pytest.mark.parametrize("config", DIGITS)
+def test_digits_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = ZooCLI(
+        args=["fit", "--config", config, "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert cli.trainer.state.finished
+    assert torch.isfinite(cli.trainer.logged_metrics["train/loss"])
+
+
+def _offline_copy(config: str, tmp_path: Path) -> str:
+    """The config with the teacher's architecture but no weights to load (no download, no file in CI)."""
+    raw = yaml.safe_load((ROOT / config).read_text())
+    spec = raw["model"]["init_args"]["teacher"]["init_args"]
+    spec.pop("checkpoint", None)
+    if spec.get("pretrained"):
+        spec["pretrained"] = False
+    out = tmp_path / Path(config).name
+    out.write_text(yaml.safe_dump(raw))
+    return str(out)
+
+
+@pytest.mark.parametrize("config", LARGE)
+def test_large_config_builds_and_steps_on_shaped_tensors(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    raw = yaml.safe_load((ROOT / config).read_text())
+    cli = ZooCLI(
+        args=[
+            "--config", _offline_copy(config, tmp_path),
+            "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.logger=false",
+            "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false",
+        ],
+        run=False,
+    )
+    data, model = cli.datamodule, cli.model
+    shape = next(v for k, v in FULL_SIZE.items() if f"/{k}/" in config)
+    assert model.num_classes == data.num_classes and data.in_chans == shape[0]
+    batch = 2 if shape[-1] > 64 else 8
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, data.num_classes, (batch,))
+    before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    cli.trainer.fit(model, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=batch))
+    assert cli.trainer.global_step == 1
+    assert any(not torch.equal(v, before[k]) for k, v in model.student.state_dict().items())
+    # the optimizer and schedule are the config's
+    optimizer = cli.trainer.optimizers[0]
+    expected_opt = raw["model"]["init_args"]["optimizer"]
+    assert type(optimizer).__name__ == expected_opt["class_path"].rsplit(".", 1)[-1]
+    assert optimizer.param_groups[0]["initial_lr"] == expected_opt["init_args"]["lr"]
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert sorted(scheduler.milestones) == raw["model"]["init_args"]["lr_scheduler"]["init_args"]["milestones"]

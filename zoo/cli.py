@@ -1,0 +1,85 @@
+"""The ``zoo`` command: LightningCLI (``zoo fit|validate|test|predict --config ...``) and ``zoo checkpoints``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from callbacks.summary import FitSummary
+from zoo.data.base import ZooDataModule
+from zoo.methods.base import DistillationMethod
+
+__all__ = ["ZooCLI", "main"]
+
+DEFAULT_ROOT = "runs"
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI in subclass mode for methods and data modules, with OmegaConf interpolation.
+
+    - ``data.num_classes`` and ``data.in_chans`` are linked into the method when the data module is built.
+    - Parser mode ``omegaconf+``: ``${...}`` interpolation resolved after every source (config files and command
+      line) is merged, so ``--trainer.max_epochs=2`` also reaches a ``T_max: ${trainer.max_epochs}``.
+    - Every run logs to CSV under ``runs/<method>-<data>/version_N`` (also when W&B or other loggers are
+      configured), where the resolved ``config.yaml`` and the checkpoints are saved too.
+    - ``seed_everything`` defaults to 0; a ``FitSummary`` prints teacher, student and agreement after fit.
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        # Configs write ${trainer.max_epochs}; under a subcommand the root is "fit.", so make such paths relative.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(
+            DistillationMethod,
+            ZooDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+        parser.add_lightning_class_args(FitSummary, "summary")
+
+    def _run_name(self) -> str:
+        method = type(self.model).__name__.lower()
+        data = getattr(self.datamodule, "name", type(self.datamodule).__name__.lower())
+        return f"{method}-{data}"
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Trainer:
+        logger = config.get("logger")
+        root = config.get("default_root_dir") or DEFAULT_ROOT
+        if logger is None or logger is True:
+            config["logger"] = CSVLogger(save_dir=root, name=self._run_name())
+        elif logger is not False:
+            loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+            if not any(isinstance(lg, CSVLogger) for lg in loggers):
+                loggers.insert(0, CSVLogger(save_dir=root, name=self._run_name()))
+            config["logger"] = loggers
+        config["default_root_dir"] = root
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``zoo`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "checkpoints":
+        from zoo.hub_cli import main as checkpoints_main
+
+        raise SystemExit(checkpoints_main(argv[1:]))
+    ZooCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

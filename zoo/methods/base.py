@@ -1,0 +1,268 @@
+"""The shared base of every distillation method: student, frozen teacher, weighted loss terms, metrics."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.models.sources import ModelSource, build_model, source_from_config
+from zoo.teacher import FeatureTaps, Teacher
+
+__all__ = ["DistillationMethod", "Outputs", "ModelLike", "TeacherLike"]
+
+ModelLike = ModelSource | nn.Module
+TeacherLike = ModelSource | nn.Module | list[ModelSource]
+# Checkpoints made from Python store sources as {"class_path", "init_args"} dicts; loading passes them back.
+
+
+@dataclass
+class Outputs:
+    """What one forward pass of a network gives the losses: logits and the tapped features."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _as_config(value: Any) -> Any:
+    if isinstance(value, ModelSource):
+        return value.to_config()
+    if isinstance(value, (list, tuple)):
+        return [_as_config(v) for v in value]
+    return value
+
+
+def _num_classes_of(model: nn.Module) -> int | None:
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    for module in reversed(list(model.modules())):
+        if isinstance(module, nn.Linear):
+            return module.out_features
+    return None
+
+
+class DistillationMethod(L.LightningModule, abc.ABC):
+    """Base LightningModule: a student, an optional frozen teacher, and loss terms that subclasses define.
+
+    Subclasses implement :meth:`loss_terms` (a dict of already-weighted loss tensors); the base sums them, logs
+    each as ``train/loss_<name>`` and the total as ``train/loss``, and reports top-1/top-5 (``val/acc``,
+    ``val/acc5``), the teacher's top-1 (``val/teacher_acc``) and student–teacher top-1 agreement
+    (``val/agreement``). Subclasses that need intermediate features set ``student_taps`` / ``teacher_taps``.
+
+    The teacher is held outside the registered submodules: ``parameters()``, ``state_dict()`` and DDP never see
+    it, ``train()`` never reaches it, and device/dtype moves (``_apply``) carry it along. A checkpoint therefore
+    holds the student only; loading one rebuilds the teacher from its source.
+
+    Args:
+        student: the network to train (a ``zoo.models`` source or a ready ``nn.Module``).
+        teacher: a source, a list of sources (an ensemble), a ready module, or ``None``.
+        num_classes: classes of the data (linked from the data module by the CLI).
+        in_chans: input channels of the data (linked from the data module by the CLI).
+        optimizer: optimizer factory over the trainable parameters; default SGD(lr=0.05, momentum=0.9,
+            weight_decay=5e-4), the CIFAR-100 KD recipe of mdistiller.
+        lr_scheduler: scheduler factory (stepped per epoch), or ``None`` for a constant lr.
+        teacher_ensemble: how ensemble members are combined (``prob``: mean of softmax; ``logit``: mean logit).
+    """
+
+    student_taps: Sequence[str] = ()
+    teacher_taps: Sequence[str] = ()
+    requires_teacher: bool = True
+
+    def __init__(
+        self,
+        student: ModelLike,
+        teacher: TeacherLike | None = None,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        teacher_ensemble: Literal["prob", "logit"] = "prob",
+    ) -> None:
+        super().__init__()
+        ignore = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
+        self.save_hyperparameters(ignore=ignore + ["optimizer", "lr_scheduler"])
+        # Sources are kept as config data, so checkpoints load with torch.load(weights_only=True).
+        for name, value in (("student", student), ("teacher", teacher)):
+            if name in self.hparams:
+                self.hparams[name] = _as_config(value)
+        if teacher is None and self.requires_teacher:
+            raise ValueError(f"{type(self).__name__}.teacher is required (a zoo.models source, a list, or a module)")
+        # A plain dict, so that a module passed as the source is not registered a second time.
+        self._sources: dict[str, Any] = {"student": student, "teacher": teacher}
+        self.student = build_model(student, num_classes=num_classes, in_chans=in_chans)
+        resolved = num_classes if num_classes is not None else _num_classes_of(self.student)
+        if resolved is None:
+            raise ValueError(f"{type(self).__name__}.num_classes: not given and not readable from the student")
+        self.num_classes = resolved
+        self._teacher: list[Teacher] = []
+        if teacher is not None:
+            self._teacher.append(
+                Teacher.from_sources(
+                    teacher, num_classes=resolved, in_chans=in_chans, ensemble=teacher_ensemble, taps=self.teacher_taps
+                )
+            )
+        self._student_taps = FeatureTaps(self.student, self.student_taps) if self.student_taps else None
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        top5 = min(5, resolved)
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(resolved, top_k=1, average="micro"),
+                "acc5": MulticlassAccuracy(resolved, top_k=top5, average="micro"),
+            }
+        )
+        self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(resolved, average="micro")}, prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_teacher = MetricCollection(
+            {
+                "teacher_acc": MulticlassAccuracy(resolved, average="micro"),
+            },
+            prefix="val/",
+        )
+        self.val_agreement = MulticlassAccuracy(resolved, average="micro")
+        self.test_teacher = self.val_teacher.clone(prefix="test/")
+        self.test_agreement = MulticlassAccuracy(resolved, average="micro")
+
+    # ----------------------------------------------------------------------------------------------- teacher
+    @property
+    def teacher(self) -> Teacher | None:
+        """The frozen teacher (not a registered submodule, on purpose)."""
+        return self._teacher[0] if self._teacher else None
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's private signature
+        super()._apply(fn, *args, **kwargs)
+        for teacher in self._teacher:
+            teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def _sync_teacher(self) -> None:
+        # Strategies that place parameters themselves (FSDP, DeepSpeed) may not call .to() on the module.
+        for teacher in self._teacher:
+            teacher.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if self.teacher is not None and mean is not None and std is not None:
+            self.teacher.set_input_normalization(mean, std)
+
+    def on_fit_start(self) -> None:
+        self._sync_teacher()
+
+    def on_validation_start(self) -> None:
+        self._sync_teacher()
+
+    def on_test_start(self) -> None:
+        self._sync_teacher()
+
+    def on_predict_start(self) -> None:
+        self._sync_teacher()
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Student logits (what inference and exported checkpoints use)."""
+        return self.student(x)
+
+    def forward_student(self, x: Tensor) -> Outputs:
+        if self._student_taps is None:
+            return Outputs(self.student(x))
+        logits, feats = self._student_taps(x)
+        return Outputs(logits, feats)
+
+    def forward_teacher(self, x: Tensor) -> Outputs | None:
+        if self.teacher is None:
+            return None
+        logits, feats = self.teacher.forward_features(x)
+        return Outputs(logits, feats)
+
+    @abc.abstractmethod
+    def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
+        """The weighted loss terms of one batch, by name (``ce``, ``kd`` ...); their sum is minimised."""
+
+    # ----------------------------------------------------------------------------------------------- steps
+    @staticmethod
+    def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(batch, dict):
+            return batch["image"], batch["label"]
+        return batch[0], batch[1]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = self.unpack_batch(batch)
+        student = self.forward_student(x)
+        teacher = self.forward_teacher(x)
+        terms = self.loss_terms(student, teacher, y)
+        loss = torch.stack(list(terms.values())).sum()
+        bs = x.shape[0]
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.train_metrics(student.logits.detach(), y)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = self.unpack_batch(batch)
+        logits = self(x)
+        bs = x.shape[0]
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(logits, y)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), batch_size=bs)
+        self.log_dict(metrics, batch_size=bs, prog_bar=stage == "val")
+        if self.teacher is not None:
+            t_logits = self.teacher(x)
+            teacher_metrics = self.val_teacher if stage == "val" else self.test_teacher
+            agreement = self.val_agreement if stage == "val" else self.test_agreement
+            teacher_metrics.update(t_logits, y)
+            agreement.update(logits, t_logits.argmax(1))
+            self.log_dict(teacher_metrics, batch_size=bs)
+            self.log(f"{stage}/agreement", agreement, batch_size=bs)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(-1)
+
+    # ----------------------------------------------------------------------------------------------- optim
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates: the student and any heads the method adds, never the teacher."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ----------------------------------------------------------------------------------------------- info
+    def describe(self) -> dict[str, str]:
+        """Names of the student and teacher for summaries and model cards."""
+
+        def name(source: Any, module: nn.Module) -> str:
+            if isinstance(source, dict):
+                source = source_from_config(source)
+            return source.describe() if isinstance(source, ModelSource) else type(module).__name__
+
+        out = {"method": type(self).__name__, "student": name(self._sources["student"], self.student)}
+        if self.teacher is not None:
+            out["teacher"] = self.teacher.describe()
+        return out
