@@ -19,21 +19,31 @@ __all__ = ["ZooCLI", "main"]
 DEFAULT_ROOT = "runs"
 
 
+def _parser_mode() -> str:
+    """``omegaconf+`` where jsonargparse supports it (resolve after merging), else ``omegaconf``."""
+    try:
+        # Configs write ${trainer.max_epochs}; under a subcommand the root is "fit.", so make such paths relative.
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    except TypeError:  # jsonargparse older than the setting: interpolation resolves per config file
+        return "omegaconf"
+    return "omegaconf+"
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI in subclass mode for methods and data modules, with OmegaConf interpolation.
 
     - ``data.num_classes`` and ``data.in_chans`` are linked into the method when the data module is built.
-    - Parser mode ``omegaconf+``: ``${...}`` interpolation resolved after every source (config files and command
-      line) is merged, so ``--trainer.max_epochs=2`` also reaches a ``T_max: ${trainer.max_epochs}``.
+    - Parser mode ``omegaconf+`` (a superset of the ``omegaconf`` mode): ``${...}`` interpolation is resolved after
+      every source (config files and command line) is merged, so ``--trainer.max_epochs=2`` also reaches a
+      ``T_max: ${trainer.max_epochs}``. With plain ``omegaconf`` each file would be resolved on its own and the
+      override would silently miss the scheduler. Older jsonargparse releases fall back to ``omegaconf``.
     - Every run logs to CSV under ``runs/<method>-<data>/version_N`` (also when W&B or other loggers are
       configured), where the resolved ``config.yaml`` and the checkpoints are saved too.
     - ``seed_everything`` defaults to 0; a ``FitSummary`` prints teacher, student and agreement after fit.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
-        # Configs write ${trainer.max_epochs}; under a subcommand the root is "fit.", so make such paths relative.
-        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": _parser_mode()})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
