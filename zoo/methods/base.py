@@ -210,7 +210,8 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
+    def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
+        """Updates the metrics; returns the logits so callbacks (monitor, gallery) need no second forward."""
         x, y = self.unpack_batch(batch)
         logits = self(x)
         bs = x.shape[0]
@@ -226,12 +227,14 @@ class DistillationMethod(L.LightningModule, abc.ABC):
             agreement.update(logits, t_logits.argmax(1))
             self.log_dict(teacher_metrics, batch_size=bs)
             self.log(f"{stage}/agreement", agreement, batch_size=bs)
+            return {"logits": logits, "teacher_logits": t_logits, "target": y}
+        return {"logits": logits, "target": y}
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
