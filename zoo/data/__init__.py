@@ -1,0 +1,14 @@
+"""LightningDataModules. Each exposes ``num_classes``, ``in_chans`` and its normalisation (``mean``, ``std``)."""
+
+from zoo.data.base import ZooDataModule
+from zoo.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from zoo.data.digits import DigitsDataModule
+from zoo.data.imagefolder import ImageFolderDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "ZooDataModule",
+]

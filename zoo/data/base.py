@@ -1,0 +1,75 @@
+"""The shared base of the data modules."""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader, Dataset
+import lightning as L
+
+__all__ = ["ZooDataModule"]
+
+
+class ZooDataModule(L.LightningDataModule):
+    """Base data module: loaders with one set of options, plus the facts methods and teachers need.
+
+    Subclasses set ``train_set``, ``val_set``, ``test_set`` in ``setup`` and provide ``num_classes``,
+    ``in_chans``, ``mean`` and ``std`` (the normalisation applied to every image they yield).
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory (useful with a GPU).
+    """
+
+    num_classes: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def name(self) -> str:
+        """Short data set name used in run names (``digits``, ``cifar100`` ...)."""
+        return type(self).__name__.replace("DataModule", "").lower()
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

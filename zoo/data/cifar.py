@@ -1,0 +1,92 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, with the standard KD augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zoo.data.base import ZooDataModule
+
+__all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
+
+
+class _CIFARDataModule(ZooDataModule):
+    """CIFAR in torchvision's layout (``<root>/cifar-10-batches-py`` or ``<root>/cifar-100-python``).
+
+    Train: RandomCrop(32, padding=4), RandomHorizontalFlip, normalisation (the CRD/mdistiller recipe).
+    Validation and test both use the official 10,000-image test split, as the KD benchmark tables do.
+
+    Args:
+        root: folder holding (or receiving) the data set.
+        download: download it when missing (torchvision); otherwise a missing data set fails at once.
+        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+    """
+
+    _folder: str
+    _dataset_name: str
+    num_classes: int
+    in_chans = 3
+
+    def __init__(
+        self,
+        root: str = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        self.root = root
+        self.download = download
+
+    def _check(self) -> None:
+        folder = Path(self.root) / self._folder
+        if not self.download and not folder.is_dir():
+            raise FileNotFoundError(
+                f"{type(self).__name__}: {self._dataset_name} not found: looked for {folder.resolve()}. "
+                f"Set data.init_args.download: true to fetch it with torchvision, or unpack the python version "
+                f"of {self._dataset_name} there (data.init_args.root names the parent folder)."
+            )
+
+    def prepare_data(self) -> None:
+        self._check()
+        if self.download:
+            self._torchvision_class()(self.root, train=True, download=True)
+            self._torchvision_class()(self.root, train=False, download=True)
+
+    def _torchvision_class(self):
+        import torchvision
+
+        return getattr(torchvision.datasets, self._dataset_name.replace("-", ""))
+
+    def transforms(self, train: bool):
+        import torchvision.transforms as T
+
+        ops = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+        return T.Compose([*ops, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check()
+        cls = self._torchvision_class()
+        self.train_set = cls(self.root, train=True, transform=self.transforms(train=True))
+        self.val_set = cls(self.root, train=False, transform=self.transforms(train=False))
+        self.test_set = self.val_set
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    __doc__ = _CIFARDataModule.__doc__
+    _folder = "cifar-10-batches-py"
+    _dataset_name = "CIFAR-10"
+    num_classes = 10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    __doc__ = _CIFARDataModule.__doc__
+    _folder = "cifar-100-python"
+    _dataset_name = "CIFAR-100"
+    num_classes = 100
+    # The CRD/RepDistiller/mdistiller statistics.
+    mean = (0.5071, 0.4867, 0.4408)
+    std = (0.2675, 0.2565, 0.2761)
