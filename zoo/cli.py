@@ -7,8 +7,8 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from callbacks.summary import FitSummary
 from zoo.data.base import ZooDataModule
@@ -29,6 +29,15 @@ def _parser_mode() -> str:
     return "omegaconf+"
 
 
+class ZooSaveConfig(SaveConfigCallback):
+    """Saves the resolved config in the run folder and stores it in the W&B run's config when W&B logs the run."""
+
+    def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI in subclass mode for methods and data modules, with OmegaConf interpolation.
 
@@ -39,12 +48,15 @@ class ZooCLI(LightningCLI):
       override would silently miss the scheduler. Older jsonargparse releases fall back to ``omegaconf``.
     - Every run logs to CSV under ``runs/<method>-<data>/version_N`` (also when W&B or other loggers are
       configured), where the resolved ``config.yaml`` and the checkpoints are saved too.
+    - A configured ``WandbLogger`` gets the resolved config in its run config and, unless the config names one,
+      the group ``<method>-<data>``.
     - ``seed_everything`` defaults to 0; a ``FitSummary`` prints teacher, student and agreement after fit.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {"parser_mode": _parser_mode()})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", ZooSaveConfig)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(
@@ -76,6 +88,10 @@ class ZooCLI(LightningCLI):
             loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
             if not any(isinstance(lg, CSVLogger) for lg in loggers):
                 loggers.insert(0, CSVLogger(save_dir=root, name=self._run_name()))
+            for lg in loggers:
+                # W&B runs are grouped by method and data set unless the config names a group.
+                if isinstance(lg, WandbLogger) and not lg._wandb_init.get("group"):
+                    lg._wandb_init["group"] = self._run_name()
             config["logger"] = loggers
         config["default_root_dir"] = root
         return super()._instantiate_trainer(config, callbacks)

@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,23 +121,31 @@ def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
 
 
 def write_publication(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, entry: dict[str, Any], card: dict[str, Any]
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    entry: dict[str, Any],
+    card: dict[str, Any],
+    url_bases: Sequence[str] = (),
 ) -> tuple[Path, dict[str, Any]]:
-    """Exports the student and writes ``<file>.json`` (the registry entry) and ``<file>.md`` (the model card).
+    """Exports the student and writes ``<file>.json`` (the card, with the registry entry under ``"entry"``) and
+    ``<file>.md`` (the model card).
 
-    ``entry`` holds every registry field but ``sha256``, ``file_size`` and ``file``, which are filled in here.
+    ``entry`` holds every registry field but ``sha256``, ``file_size`` and ``file``, which are filled in here;
+    each of ``url_bases`` adds ``<base>/<file>`` to the entry's ``urls``.
     Every file is written under a temporary name and renamed, the weights last of the three to become visible
     only after their card exists; a crash leaves no half-written file under a final name.
     """
     out_dir = Path(out_dir)
     file, digest = hub.export_student(checkpoint, out_dir, entry["name"])
-    entry = {**entry, "sha256": digest, "file_size": file.stat().st_size, "file": file.name}
+    urls = [f"{base.rstrip('/')}/{file.name}" for base in url_bases] + list(entry.get("urls", []))
+    entry = {**entry, "sha256": digest, "file_size": file.stat().st_size, "file": file.name, "urls": urls}
     card = {**card, "versions": _versions(), "git_commit": _git_commit(), "entry": entry}
     try:
         write_atomic(file.with_suffix(".json"), json.dumps(card, indent=2, default=str) + "\n")
         write_atomic(file.with_suffix(".md"), model_card(entry, card))
     except BaseException:
-        file.unlink(missing_ok=True)
+        for path in (file, file.with_suffix(".json"), file.with_suffix(".md")):
+            path.unlink(missing_ok=True)
         raise
     return file, entry
 
