@@ -1,26 +1,47 @@
-"""Published checkpoints: a registry kept as data, hash-checked loading, and the ``Pretrained`` model source.
+"""Published checkpoints: a registry kept as data, hash-verified downloads and cache, and the ``Pretrained`` source.
 
 The registry is ``zoo/checkpoints/registry.json``: one entry per checkpoint with its name, task, method, the model
 source that builds its architecture, data set, metrics, input size, normalisation, sha256, file size, URLs,
 license, the config and the command that produced it. ``checkpoints.md`` is generated from it
 (``zoo checkpoints markdown``). Files named ``<name>-<sha256[:8]>.safetensors`` hold the student weights only.
 
+Where a checkpoint's file comes from (``download``/``resolve``, used by ``load`` and ``Pretrained``):
+
+1. shipped inside the package (``zoo/checkpoints/<file>``): used in place, after checking size and sha256;
+2. the cache, ``$ZOO_HOME/checkpoints/<file>`` (``ZOO_HOME`` defaults to ``~/.cache/distill-zoo``): checked the
+   same way on every use; a corrupt file is deleted and downloaded again;
+3. otherwise downloaded, trying ``$ZOO_CHECKPOINT_MIRROR/<file>`` first (when set) and then the entry's ``urls``
+   in order (``file://``, ``http(s)://``, ``hf://org/repo/path/in/repo[@revision]``). Each download streams into
+   a temporary file in the cache folder while hashing, and is renamed to its final name only when the byte count
+   and the sha256 match the entry, so no failed, corrupt or interrupted transfer is ever found under that name.
+
+``ZOO_OFFLINE=1`` forbids step 3: a checkpoint that is neither shipped nor cached fails, naming the variable, the
+checkpoint and the path looked at.
+
 Example:
     >>> from zoo import hub
     >>> [e["name"] for e in hub.list_checkpoints("digits-*")]
     ['digits-resnet32-teacher']
     >>> model, meta = hub.load("digits-resnet32-teacher")
+    >>> path = hub.download("digits-resnet32-teacher", dir="weights")  # a verified copy in weights/
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import http.client
 import json
 import os
+import sys
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -28,19 +49,35 @@ from torch import nn
 from zoo.models.sources import ModelSource, load_weights, read_state_dict, source_from_config
 
 __all__ = [
+    "ChecksumError",
+    "DownloadError",
     "Pretrained",
+    "cache_dir",
+    "checkpoint_urls",
+    "download",
+    "download_url_to_file",
     "export_student",
     "get_entry",
+    "is_offline",
     "list_checkpoints",
     "load",
     "registry",
     "render_markdown",
     "resolve",
     "sha256_file",
+    "verify_file",
+    "zoo_home",
 ]
 
 PACKAGE_DIR = Path(__file__).parent / "checkpoints"
 REGISTRY_FILE = PACKAGE_DIR / "registry.json"
+ENV_HOME = "ZOO_HOME"
+ENV_OFFLINE = "ZOO_OFFLINE"
+ENV_MIRROR = "ZOO_CHECKPOINT_MIRROR"
+DEFAULT_HOME = "~/.cache/distill-zoo"
+# Seconds a connection or a single read may stall before an HTTP download is abandoned (not a total limit).
+DOWNLOAD_TIMEOUT = 60.0
+_CHUNK = 1 << 20
 REQUIRED_FIELDS = (
     "name",
     "task",
@@ -70,9 +107,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def registry(path: str | os.PathLike = REGISTRY_FILE) -> list[dict[str, Any]]:
-    """All registry entries, validated (a malformed entry fails naming the entry and the field)."""
-    path = Path(path)
+def registry(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """All registry entries, validated (a malformed entry fails naming the entry and the field).
+
+    ``path`` defaults to ``REGISTRY_FILE``, read at call time (so tests and tools may point it elsewhere).
+    """
+    path = Path(path if path is not None else REGISTRY_FILE)
     try:
         entries = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -98,6 +138,7 @@ def list_checkpoints(pattern: str = "*") -> list[dict[str, Any]]:
 
 
 def get_entry(name: str) -> dict[str, Any]:
+    """The registry entry called ``name``; an unknown name fails listing the known ones."""
     for entry in registry():
         if entry["name"] == name:
             return entry
@@ -105,20 +146,320 @@ def get_entry(name: str) -> dict[str, Any]:
     raise KeyError(f"no published checkpoint named {name!r}; known: {known}")
 
 
-def resolve(name: str) -> Path:
-    """The local, hash-verified weights file of a registry entry (shipped inside the package)."""
-    entry = get_entry(name)
-    path = PACKAGE_DIR / entry["file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {name!r}: {path} is missing from this installation")
+class ChecksumError(ValueError):
+    """A file's size or sha256 differs from its registry entry.
+
+    Attributes:
+        path: the file (or URL) checked; expected, actual: the sha256 digests (or byte counts) compared.
+    """
+
+    def __init__(
+        self, message: str, *, path: str | os.PathLike | None = None, expected: Any = None, actual: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.path, self.expected, self.actual = path, expected, actual
+
+
+class DownloadError(OSError):
+    """No source delivered a verified file (or one transfer failed: HTTP error, unreachable host, early close).
+
+    Attributes:
+        failures: ``(url, error)`` for every source tried, in order (empty for a single transfer's own error).
+    """
+
+    def __init__(self, message: str, failures: list[tuple[str, BaseException]] | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
+
+    def __str__(self) -> str:  # OSError's own __str__ would add errno/filename noise
+        return str(self.args[0])
+
+
+def zoo_home() -> Path:
+    """``$ZOO_HOME``, or ``~/.cache/distill-zoo`` when it is unset or empty."""
+    return Path(os.environ.get(ENV_HOME) or DEFAULT_HOME).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where downloaded checkpoints live: ``$ZOO_HOME/checkpoints``."""
+    return zoo_home() / "checkpoints"
+
+
+def is_offline() -> bool:
+    """True when ``ZOO_OFFLINE`` is set to 1/true/yes/on: checkpoints come from the package or the cache only."""
+    value = os.environ.get(ENV_OFFLINE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_OFFLINE}={os.environ[ENV_OFFLINE]!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
+def verify_file(path: str | os.PathLike, sha256: str, file_size: int | None = None) -> Path:
+    """Checks a file's size (cheap, first) and sha256; returns the path or raises ``ChecksumError`` naming both."""
+    path = Path(path)
+    if file_size is not None:
+        size = path.stat().st_size
+        if size != file_size:
+            raise ChecksumError(
+                f"{path}: size mismatch: expected {file_size} bytes, got {size}",
+                path=path,
+                expected=file_size,
+                actual=size,
+            )
     actual = sha256_file(path)
-    if actual != entry["sha256"]:
-        raise ValueError(f"checkpoint {name!r}: {path} has sha256 {actual}, expected {entry['sha256']}")
+    if actual != sha256:
+        raise ChecksumError(
+            f"{path}: sha256 mismatch: expected {sha256}, got {actual}", path=path, expected=sha256, actual=actual
+        )
     return path
 
 
+def _mirror_url(base: str, file: str) -> str:
+    """``<base>/<file>``; a plain folder becomes a ``file://`` URL, and ``hf://org/repo@rev`` keeps its revision."""
+    base = base.strip()
+    if base.startswith("hf://"):
+        root, at, revision = base.rpartition("@") if "@" in base else (base, "", "")
+        return f"{root.rstrip('/')}/{file}{at}{revision}"
+    if "://" not in base:
+        base = Path(base).expanduser().resolve().as_uri()
+    return f"{base.rstrip('/')}/{urllib.parse.quote(file)}"
+
+
+def checkpoint_urls(entry: dict[str, Any]) -> list[str]:
+    """The URLs a download tries, in order: ``$ZOO_CHECKPOINT_MIRROR/<file>`` when set, then the entry's ``urls``."""
+    urls = entry["urls"]
+    if isinstance(urls, str) or not isinstance(urls, list):
+        raise ValueError(f"checkpoint registry: {entry['name']}.urls must be a list of URLs, got {urls!r}")
+    mirror = os.environ.get(ENV_MIRROR, "").strip()
+    return ([_mirror_url(mirror, entry["file"])] if mirror else []) + [str(u) for u in urls]
+
+
+def _parse_hf_url(url: str) -> tuple[str, str, str | None]:
+    """``hf://org/repo/path/in/repo[@revision]`` -> (``org/repo``, ``path/in/repo``, revision or None)."""
+    rest = url[len("hf://") :]
+    if "@" in rest:
+        rest, _, revision = rest.rpartition("@")
+    else:
+        revision = ""
+    parts = rest.split("/", 2)
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{url}: expected hf://org/repo/path/in/repo[@revision]")
+    return f"{parts[0]}/{parts[1]}", parts[2], revision or None
+
+
+def _hf_download(url: str) -> Path:
+    """Fetches an ``hf://`` URL into the Hugging Face cache (``huggingface_hub.hf_hub_download``); returns its path."""
+    repo_id, filename, revision = _parse_hf_url(url)
+    try:
+        import huggingface_hub
+    except ImportError as err:
+        raise DownloadError(
+            f"{url}: the hf:// scheme needs the huggingface_hub package (pip install huggingface_hub)"
+        ) from err
+    try:
+        local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
+    except Exception as err:  # the hub raises many types; re-raised naming the URL
+        raise DownloadError(f"{url}: Hugging Face Hub download failed: {type(err).__name__}: {err}") from err
+    return Path(local)
+
+
+@contextlib.contextmanager
+def _open_url(url: str, timeout: float) -> Iterator[tuple[BinaryIO, int | None]]:
+    """Opens ``url`` for streaming; yields the stream and the announced length (None when unknown)."""
+    parsed = urllib.parse.urlparse(url)
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        request = urllib.request.Request(url, headers={"User-Agent": "distill-zoo"})
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as err:
+            raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
+        except urllib.error.URLError as err:
+            raise DownloadError(f"{url}: cannot connect: {err.reason}") from err
+        except (OSError, http.client.HTTPException) as err:
+            raise DownloadError(f"{url}: cannot connect: {type(err).__name__}: {err}") from err
+        with response:
+            length = response.headers.get("Content-Length")
+            yield response, int(length) if length and length.isdigit() else None
+        return
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{url}: file:// URLs must name a local path (file:///abs/path)")
+        path = Path(urllib.request.url2pathname(parsed.path))
+    elif scheme == "hf":
+        path = _hf_download(url)
+    else:
+        raise ValueError(f"{url}: unsupported URL scheme {scheme!r}; expected file://, http://, https:// or hf://")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as err:
+        raise DownloadError(f"{url}: cannot open {path}: {err.strerror or err}") from err
+    with f:
+        yield f, os.fstat(f.fileno()).st_size
+
+
+def download_url_to_file(
+    url: str,
+    dst: str | os.PathLike,
+    sha256: str,
+    file_size: int | None = None,
+    timeout: float = DOWNLOAD_TIMEOUT,
+) -> Path:
+    """Streams ``url`` to ``dst``, verifying the byte count and sha256 on the way; returns ``dst``.
+
+    The bytes go to a temporary file in ``dst``'s folder, hashed as they arrive; only when the count matches
+    ``file_size`` (and the announced Content-Length) and the digest matches ``sha256`` is the file renamed to
+    ``dst`` (atomic on one file system). On any failure, interruption included, the temporary file is deleted
+    and ``dst`` is left as it was.
+
+    Args:
+        url: ``file://``, ``http(s)://`` or ``hf://org/repo/path/in/repo[@revision]``.
+        dst: the final path.
+        sha256: the expected hex digest.
+        file_size: the expected size in bytes (None: only the Content-Length, when announced, is checked).
+        timeout: seconds a connection or a read may stall (HTTP).
+
+    Raises:
+        DownloadError: HTTP error, unreachable host, stalled or early-closed transfer, wrong byte count.
+        ChecksumError: all bytes arrived but the sha256 differs (the message names expected and actual).
+        ValueError: an unsupported or malformed URL.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _open_url(url, timeout) as (stream, announced):
+        if announced is not None and file_size is not None and announced != file_size:
+            raise DownloadError(f"{url}: announces {announced} bytes but the registry expects {file_size}")
+        expected_size = file_size if file_size is not None else announced
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", suffix=".part", dir=dst.parent)
+        try:
+            digest = hashlib.sha256()
+            received = 0
+            with os.fdopen(fd, "wb") as out:
+                while True:
+                    try:
+                        block = stream.read(_CHUNK)
+                    except (OSError, http.client.HTTPException) as err:
+                        raise DownloadError(
+                            f"{url}: transfer interrupted after {received} bytes: {type(err).__name__}: {err}"
+                        ) from err
+                    if not block:
+                        break
+                    received += len(block)
+                    if expected_size is not None and received > expected_size:
+                        raise DownloadError(f"{url}: sent more than the expected {expected_size} bytes")
+                    digest.update(block)
+                    out.write(block)
+            if expected_size is not None and received != expected_size:
+                raise DownloadError(
+                    f"{url}: incomplete transfer: got {received} of {expected_size} bytes (connection closed early?)"
+                )
+            actual = digest.hexdigest()
+            if actual != sha256:
+                raise ChecksumError(
+                    f"{url}: sha256 mismatch: expected {sha256}, got {actual}", path=url, expected=sha256, actual=actual
+                )
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dst
+
+
+def _local_file(entry: dict[str, Any]) -> Path:
+    """The verified local file of an entry: shipped, cached, or downloaded into the cache (see the module doc)."""
+    name, file = entry["name"], entry["file"]
+    sha256, file_size = entry["sha256"], entry["file_size"]
+    shipped = PACKAGE_DIR / file
+    if shipped.is_file():
+        try:
+            return verify_file(shipped, sha256, file_size)
+        except ChecksumError as err:
+            raise ChecksumError(
+                f"checkpoint {name!r}: the file shipped with the package is corrupt (reinstall distill-zoo): {err}",
+                path=shipped,
+                expected=err.expected,
+                actual=err.actual,
+            ) from None
+    cached = cache_dir() / file
+    offline = is_offline()
+    if cached.is_file():
+        try:
+            return verify_file(cached, sha256, file_size)
+        except ChecksumError as err:
+            if offline:
+                raise ChecksumError(
+                    f"checkpoint {name!r}: the cached file {cached} is corrupt and {ENV_OFFLINE}=1 forbids downloading "
+                    f"it again: {err}",
+                    path=cached,
+                    expected=err.expected,
+                    actual=err.actual,
+                ) from None
+            print(f"zoo.hub: removing corrupt cached file ({err}); downloading it again", file=sys.stderr)
+            cached.unlink(missing_ok=True)
+    elif offline:
+        raise FileNotFoundError(
+            f"checkpoint {name!r}: {ENV_OFFLINE}=1 and the file is not in the cache (looked for {cached}); unset "
+            f"{ENV_OFFLINE} to download it, or copy {file} there (`zoo checkpoints download {name} --dir DIR` on a "
+            "connected machine)"
+        )
+    urls = checkpoint_urls(entry)
+    if not urls:
+        raise FileNotFoundError(
+            f"checkpoint {name!r}: not shipped ({shipped}), not cached ({cached}), and its registry entry lists no "
+            f"urls; set {ENV_MIRROR}=<base-url> to fetch {file} from a mirror"
+        )
+    failures: list[tuple[str, BaseException]] = []
+    for url in urls:
+        print(f"zoo.hub: downloading {name} from {url} to {cached}", file=sys.stderr)
+        try:
+            return download_url_to_file(url, cached, sha256, file_size)
+        except Exception as err:  # noqa: BLE001 - any failing source: try the next, report all at the end
+            failures.append((url, err))
+    report = "\n".join(f"  - {err}" if url in str(err) else f"  - {url}: {err}" for url, err in failures)
+    raise DownloadError(
+        f"checkpoint {name!r}: no source delivered a verified {file} ({len(failures)} tried):\n{report}", failures
+    ) from failures[-1][1]
+
+
+def download(name: str, dir: str | os.PathLike | None = None) -> Path:
+    """The local, verified weights file of a registry entry, downloading it into the cache when needed.
+
+    Order: the file shipped in the package, then ``$ZOO_HOME/checkpoints/<file>``, then the mirror
+    (``$ZOO_CHECKPOINT_MIRROR``) and the entry's ``urls`` (see the module docstring; ``ZOO_OFFLINE=1`` stops
+    before downloading). Every file is checked against the entry's size and sha256 before it is returned.
+
+    Args:
+        name: the registry name (``zoo checkpoints list``).
+        dir: when given, a verified copy is written to ``dir/<file>`` (temp file + rename) and that path returned;
+            an existing, valid copy there is reused.
+
+    Raises:
+        KeyError: unknown name. FileNotFoundError: offline and not cached, or no source to download from.
+        ChecksumError: a shipped (or, offline, a cached) file is corrupt. DownloadError: every source failed.
+    """
+    entry = get_entry(name)
+    source = _local_file(entry)
+    if dir is None:
+        return source
+    target = Path(dir).expanduser() / entry["file"]
+    if target.is_file():
+        if target.resolve() == source.resolve():
+            return target
+        with contextlib.suppress(ChecksumError):
+            return verify_file(target, entry["sha256"], entry["file_size"])
+    return download_url_to_file(source.resolve().as_uri(), target, entry["sha256"], entry["file_size"])
+
+
+def resolve(name: str) -> Path:
+    """The local, hash-verified weights file of a registry entry: ``download(name)`` (used by ``load``)."""
+    return download(name)
+
+
 def load(name: str) -> tuple[nn.Module, dict[str, Any]]:
-    """A ready model (eval mode) with its registry entry (mean, std, input size, metrics ...)."""
+    """A ready model (eval mode) and its registry entry, which carries the preprocessing (``mean``, ``std``,
+    ``input_size``) and the metrics. The weights come from ``download(name)``: shipped, cached or fetched, verified.
+    """
     entry = get_entry(name)
     model = source_from_config(entry["architecture"]).build()
     load_weights(model, resolve(name), field=f"checkpoint {name!r}")
@@ -130,8 +471,9 @@ class Pretrained(ModelSource):
 
         teacher: {class_path: zoo.hub.Pretrained, init_args: {name: digits-resnet32-teacher}}
 
-    The architecture comes from the entry, the weights are verified against its sha256, and the normalisation the
-    weights expect (``mean``/``std``) is taken from the entry so a teacher re-normalises its input when needed.
+    The architecture comes from the entry, the weights from ``download(name)`` (shipped, cached or fetched on first
+    use, verified against the entry's sha256), and the normalisation the weights expect (``mean``/``std``) from the
+    entry, so a teacher re-normalises its input when needed.
 
     Args:
         name: the registry name (see ``zoo checkpoints list``).

@@ -1,9 +1,11 @@
-"""``zoo checkpoints list|publish|verify|markdown``: the command-line side of ``zoo.hub``."""
+"""``zoo checkpoints list|publish|verify|download|markdown``: the command-line side of ``zoo.hub``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 from zoo import hub
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pub.add_argument("--no-test", action="store_true", help="skip the evaluation on the test split")
     p_ver = sub.add_parser("verify", help="check a file against the registry (by the hash prefix in its name)")
     p_ver.add_argument("file")
+    p_dl = sub.add_parser("download", help="fetch a checkpoint (verified, cached under $ZOO_HOME); prints its path")
+    p_dl.add_argument("name", help="a registry name (see `zoo checkpoints list`)")
+    p_dl.add_argument("--dir", default=None, help="also copy it to this folder (default: the cache only)")
     sub.add_parser("markdown", help="print checkpoints.md generated from the registry")
     args = parser.parse_args(argv)
 
@@ -38,12 +43,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entry, indent=2))
     elif args.command == "verify":
         path = Path(args.file)
+        if not path.is_file():
+            print(f"{path}: no such file", file=sys.stderr)
+            return 1
         actual = hub.sha256_file(path)
-        match = [e for e in hub.registry() if e["sha256"] == actual]
+        # <name>-<hash8>.safetensors names its entry: a known name with another hash is a corrupt or stale file.
+        named = re.fullmatch(r"(?P<name>.+)-[0-9a-f]{8}\.safetensors", path.name)
+        entry = next((e for e in hub.registry() if named and e["name"] == named["name"]), None)
+        if entry is not None and entry["sha256"] != actual:
+            print(f"{path}: sha256 mismatch: expected {entry['sha256']}, got {actual} (registry entry {entry['name']})")
+            return 1
+        match = [entry] if entry is not None else [e for e in hub.registry() if e["sha256"] == actual]
         if not match:
             print(f"{path}: sha256 {actual} matches no registry entry")
             return 1
         print(f"{path}: OK, {match[0]['name']} (sha256 {actual})")
+    elif args.command == "download":
+        try:
+            print(hub.download(args.name, dir=args.dir))
+        except (KeyError, FileNotFoundError, hub.ChecksumError, hub.DownloadError) as err:
+            print(f"zoo checkpoints download: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+            return 1
     elif args.command == "markdown":
         print(hub.render_markdown(), end="")
     return 0
