@@ -245,8 +245,12 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         """Parameters the optimizer updates: the student and any heads the method adds, never the teacher."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; methods with their own lr for a module (MEAL V2's discriminator) override."""
+        return [{"params": self.trainable_parameters()}]
+
     def configure_optimizers(self) -> Any:
-        params = self.trainable_parameters()
+        params = self.param_groups()
         if self.optimizer_factory is None:
             optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
         else:
