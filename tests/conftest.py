@@ -4,7 +4,8 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# ZOO_TEST_THREADS=1 keeps parallel test runs on this 2-core machine from oversubscribing the cores.
+torch.set_num_threads(int(os.environ.get("ZOO_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
