@@ -208,10 +208,12 @@ def publish(
     dataset: str | None = None,
     config_path: str | None = None,
     test: bool = True,
+    fit_command: str | None = None,
 ) -> dict[str, Any]:
     """Exports the student of a finished run; returns its registry entry (the card is ``<file>.json``/``.md``).
 
-    ``config_path`` names the project config that produced the run (default: the run's saved ``config.yaml``).
+    ``config_path`` names the project config that produced the run (default: the run's saved ``config.yaml``);
+    ``fit_command`` is the exact training command when it had overrides (default ``zoo fit --config <config>``).
     With ``test``, the checkpoint is evaluated on the data module's test split and ``test_acc`` is recorded next
     to the last validation metrics.
     """
@@ -243,8 +245,8 @@ def publish(
         "urls": [],
         "license": "Apache-2.0",
         "config": config_path,
-        "command": f"zoo fit --config {config_path} && zoo checkpoints publish {run} --name {name} --dir {out_dir} "
-        f"--config {config_path}",
+        "command": f"{fit_command or f'zoo fit --config {config_path}'} && zoo checkpoints publish {run} --name {name} "
+        f"--dir {out_dir} --config {config_path}",
     }
     card = {
         "method": entry["method"],

@@ -81,3 +81,13 @@ def test_imagefolder_reads_the_imagenet_layout(tmp_path):
 def test_missing_imagefolder_fails_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere"):
         ImageFolderDataModule(root=str(tmp_path / "nothere")).num_classes
+
+
+def test_digits_train_fraction_keeps_val_and_test():
+    full = DigitsDataModule(image_size=8)._split()
+    part = DigitsDataModule(image_size=8, train_fraction=0.25)._split()
+    assert len(part["train"][1]) == round(0.25 * len(full["train"][1]))
+    assert torch.equal(part["val"][0], full["val"][0]) and torch.equal(part["test"][0], full["test"][0])
+    assert set(part["train"][1].tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="train_fraction"):
+        DigitsDataModule(train_fraction=0.0)

@@ -59,6 +59,8 @@ class DigitsDataModule(ZooDataModule):
         split_seed: seed of the stratified split (independent of the training seed).
         augment: random translation of training images.
         shift: maximum translation in pixels at ``image_size`` (default: 2 pixels per 8 of side, at least 1).
+        train_fraction: keep only this stratified share of the training split (seeded by ``split_seed``; the
+            validation and test splits are unchanged), e.g. for students that see less data than their teachers.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class DigitsDataModule(ZooDataModule):
         split_seed: int = 0,
         augment: bool = True,
         shift: int | None = None,
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if image_size < 8:
@@ -85,6 +88,9 @@ class DigitsDataModule(ZooDataModule):
                 f"DigitsDataModule: val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in "
                 "(0, 1) and sum to less than 1"
             )
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"DigitsDataModule.train_fraction must be in (0, 1], got {train_fraction}")
+        self.train_fraction = train_fraction
         self.image_size = image_size
         self.channels = channels
         self.val_fraction = val_fraction
@@ -114,6 +120,10 @@ class DigitsDataModule(ZooDataModule):
             train, val = train_test_split(
                 rest, test_size=val_share, stratify=labels.numpy()[rest], random_state=self.split_seed
             )
+            if self.train_fraction < 1:
+                train, _ = train_test_split(
+                    train, train_size=self.train_fraction, stratify=labels.numpy()[train], random_state=self.split_seed
+                )
             train_images = images[train]
             self._stats = (float(train_images.mean()), float(train_images.std()))
             self._splits = {
