@@ -46,10 +46,13 @@ def test_digits_config_runs_fast_dev_run(config, tmp_path, monkeypatch):
 def _offline_copy(config: str, tmp_path: Path) -> str:
     """The config with the teacher's architecture but no weights to load (no download, no file in CI)."""
     raw = yaml.safe_load((ROOT / config).read_text())
-    spec = raw["model"]["init_args"]["teacher"]["init_args"]
-    spec.pop("checkpoint", None)
-    if spec.get("pretrained"):
-        spec["pretrained"] = False
+    args = raw["model"]["init_args"]
+    teachers = args["teacher"] if isinstance(args["teacher"], list) else [args["teacher"]]
+    for source in [args["student"], *teachers]:
+        spec = source["init_args"]
+        spec.pop("checkpoint", None)
+        if spec.get("pretrained"):
+            spec["pretrained"] = False
     if raw["model"]["class_path"] in ("zoo.methods.KDND", "zoo.methods.DKDND"):
         # random data cannot give every class a centre: hand ND a centres file, as a user reusing one would
         raw["model"]["init_args"]["centers_file"] = _centres_file(raw, tmp_path)
@@ -64,7 +67,7 @@ def _centres_file(raw: dict, tmp_path: Path) -> str:
     from zoo.methods.nd import embedding_dim
     from zoo.models.sources import source_from_config
 
-    teacher = source_from_config(raw["model"]["init_args"]["teacher"])
+    teacher = source_from_config(raw["model"]["init_args"]["teacher"])  # ND configs have one teacher
     classes = raw["data"]["init_args"].get("num_classes", 100)
     dim = embedding_dim(teacher.build(num_classes=classes, in_chans=3), 3)
     path = tmp_path / "centres.safetensors"

@@ -91,3 +91,13 @@ def test_digits_train_fraction_keeps_val_and_test():
     assert set(part["train"][1].tolist()) == set(range(10))
     with pytest.raises(ValueError, match="train_fraction"):
         DigitsDataModule(train_fraction=0.0)
+
+
+def test_digits_long_tailed_training_split():
+    part = DigitsDataModule(image_size=8, imbalance_ratio=10)._split()
+    counts = np.bincount(part["train"][1].numpy(), minlength=10)
+    assert counts[0] / counts[9] == pytest.approx(10, rel=0.15)
+    assert all(counts[i] >= counts[i + 1] for i in range(9))
+    assert np.bincount(part["test"][1].numpy(), minlength=10).min() >= 35  # test stays balanced
+    with pytest.raises(ValueError, match="imbalance_ratio"):
+        DigitsDataModule(imbalance_ratio=0.5)

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from zoo.losses import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
 

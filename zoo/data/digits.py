@@ -24,6 +24,19 @@ def load_digits_tensors(image_size: int = 8) -> tuple[Tensor, Tensor]:
     return images, torch.from_numpy(data.target.astype(np.int64))
 
 
+def _long_tailed(index: np.ndarray, labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Keeps n_max·ratio^(−c/(C−1)) images of class c (a seeded random choice within each class)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[index])
+    n_max = max(int((labels[index] == c).sum()) for c in classes)
+    keep = []
+    for i, c in enumerate(classes):
+        members = index[labels[index] == c]
+        n = max(1, int(round(n_max * ratio ** (-i / (len(classes) - 1)))))
+        keep.append(rng.permutation(members)[: min(n, len(members))])
+    return np.sort(np.concatenate(keep))
+
+
 class TensorImageDataset(Dataset):
     """Images held in memory, with an optional random translation by up to ``shift`` pixels (zero-padded)."""
 
@@ -61,6 +74,8 @@ class DigitsDataModule(ZooDataModule):
         shift: maximum translation in pixels at ``image_size`` (default: 2 pixels per 8 of side, at least 1).
         train_fraction: keep only this stratified share of the training split (seeded by ``split_seed``; the
             validation and test splits are unchanged), e.g. for students that see less data than their teachers.
+        imbalance_ratio: make the training split long-tailed: class c keeps n_max·ratio^(−c/(C−1)) of its images
+            (class 0 all, class 9 a ratio-th), the CIFAR-100-LT profile; validation and test stay balanced.
     """
 
     def __init__(
@@ -77,6 +92,7 @@ class DigitsDataModule(ZooDataModule):
         augment: bool = True,
         shift: int | None = None,
         train_fraction: float = 1.0,
+        imbalance_ratio: float = 1.0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if image_size < 8:
@@ -90,7 +106,10 @@ class DigitsDataModule(ZooDataModule):
             )
         if not 0 < train_fraction <= 1:
             raise ValueError(f"DigitsDataModule.train_fraction must be in (0, 1], got {train_fraction}")
+        if imbalance_ratio < 1:
+            raise ValueError(f"DigitsDataModule.imbalance_ratio must be ≥ 1, got {imbalance_ratio}")
         self.train_fraction = train_fraction
+        self.imbalance_ratio = imbalance_ratio
         self.image_size = image_size
         self.channels = channels
         self.val_fraction = val_fraction
@@ -124,6 +143,8 @@ class DigitsDataModule(ZooDataModule):
                 train, _ = train_test_split(
                     train, train_size=self.train_fraction, stratify=labels.numpy()[train], random_state=self.split_seed
                 )
+            if self.imbalance_ratio > 1:
+                train = _long_tailed(train, labels.numpy(), self.imbalance_ratio, self.split_seed)
             train_images = images[train]
             self._stats = (float(train_images.mean()), float(train_images.std()))
             self._splits = {
