@@ -91,3 +91,23 @@ def test_checkpoints_cli(capsys):
     assert "OK" in capsys.readouterr().out
     assert checkpoints_main(["markdown"]) == 0
     assert capsys.readouterr().out == hub.render_markdown()
+
+
+def test_publish_cli_exports_a_finished_run(tmp_path, monkeypatch, capsys):
+    from zoo.cli import ZooCLI
+
+    monkeypatch.chdir(ROOT)
+    ZooCLI(args=["fit", "--config", "configs/classification/digits/baseline.yaml", "--trainer.max_epochs=1",
+                 "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--summary.enabled=false",
+                 f"--trainer.default_root_dir={tmp_path}"])
+    run = tmp_path / "supervised-digits" / "version_0"
+    capsys.readouterr()
+    assert checkpoints_main(["publish", str(run), "--name", "tiny", "--dir", str(tmp_path / "pub"),
+                             "--config", "configs/classification/digits/baseline.yaml",
+                             "--command", "zoo fit --config X --seed_everything=3"]) == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["command"].startswith("zoo fit --config X --seed_everything=3 && zoo checkpoints publish")
+    assert {"val_acc", "test_acc"} <= set(entry["metrics"])
+    assert entry["architecture"]["init_args"] == {"name": "resnet8", "num_classes": 10, "in_chans": 1}
+    files = sorted(p.suffix for p in (tmp_path / "pub").iterdir())
+    assert files == [".json", ".md", ".safetensors"]

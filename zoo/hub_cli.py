@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     p_pub.add_argument("--dataset", default=None)
     p_pub.add_argument("--config", default=None, help="the project config that produced the run")
     p_pub.add_argument("--no-test", action="store_true", help="skip the evaluation on the test split")
-    p_pub.add_argument("--command", default=None, help="the exact training command, when it had overrides")
+    p_pub.add_argument(
+        "--command", dest="fit_command", default=None, help="the exact training command, when it had overrides"
+    )
     p_ver = sub.add_parser("verify", help="check a file against the registry (by the hash prefix in its name)")
     p_ver.add_argument("file")
     p_dl = sub.add_parser("download", help="fetch a checkpoint (verified, cached under $ZOO_HOME); prints its path")
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{e['name']}\t{e['method']}\t{e['dataset']}\t{metrics}\t{e['file']}")
     elif args.command == "publish":
         entry = publish(
-            args.path, args.name, args.dir, args.dataset, args.config, test=not args.no_test, fit_command=args.command
+            args.path, args.name, args.dir, args.dataset, args.config, test=not args.no_test, fit_command=args.fit_command
         )
         print(json.dumps(entry, indent=2))
     elif args.command == "verify":
