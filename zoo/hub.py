@@ -20,8 +20,8 @@ checkpoint and the path looked at.
 
 Example:
     >>> from zoo import hub
-    >>> [e["name"] for e in hub.list_checkpoints("digits-*")]
-    ['digits-resnet32-teacher']
+    >>> [e["name"] for e in hub.list_checkpoints("*-teacher*")]
+    ['digits-resnet32-teacher', 'digits-resnet32-teacher-s1', 'digits-resnet32-teacher-s2']
     >>> model, meta = hub.load("digits-resnet32-teacher")
     >>> path = hub.download("digits-resnet32-teacher", dir="weights")  # a verified copy in weights/
 """
