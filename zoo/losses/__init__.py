@@ -1,10 +1,23 @@
 """Loss modules: tensor in, tensor out; each docstring gives the formula and the paper."""
 
+from zoo.losses.dhkd import BinaryKLLoss, BinaryKLNormLoss
 from zoo.losses.kd import DKDLoss, KDLoss
 from zoo.losses.meal import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
 from zoo.losses.nd import NDLoss, NDProjector
+from zoo.losses.trg import (
+    TokenSampler,
+    TRGGlobalLoss,
+    TRGInnerLoss,
+    TRGLocalLoss,
+    feature_tokens,
+    gather_tokens,
+    knn_graph,
+    sample_token_positions,
+)
 
 __all__ = [
+    "BinaryKLLoss",
+    "BinaryKLNormLoss",
     "DKDLoss",
     "KDLoss",
     "LogitDiscriminator",
@@ -12,4 +25,12 @@ __all__ = [
     "NDLoss",
     "NDProjector",
     "SoftCrossEntropy",
+    "TRGGlobalLoss",
+    "TRGInnerLoss",
+    "TRGLocalLoss",
+    "TokenSampler",
+    "feature_tokens",
+    "gather_tokens",
+    "knn_graph",
+    "sample_token_positions",
 ]
