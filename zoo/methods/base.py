@@ -72,6 +72,9 @@ class DistillationMethod(L.LightningModule, abc.ABC):
             weight_decay=5e-4), the CIFAR-100 KD recipe of mdistiller.
         lr_scheduler: scheduler factory (stepped per epoch), or ``None`` for a constant lr.
         teacher_ensemble: how ensemble members are combined (``prob``: mean of softmax; ``logit``: mean logit).
+
+    Methods take ``student`` and ``teacher`` positionally, their own options by keyword, and pass the arguments
+    above through ``**kwargs`` (LightningCLI/jsonargparse resolves them from this signature).
     """
 
     student_taps: Sequence[str] = ()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from zoo.losses import DKDLoss, KDLoss
@@ -26,14 +25,11 @@ class Supervised(DistillationMethod):
         self,
         student: ModelLike,
         teacher: TeacherLike | None = None,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         self.label_smoothing = label_smoothing
 
     def forward_teacher(self, x: Tensor) -> Outputs | None:
@@ -54,16 +50,13 @@ class KD(DistillationMethod):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         temperature: float = 4.0,
         ce_weight: float = 0.1,
         kd_weight: float = 0.9,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         self.kd_loss = KDLoss(temperature)
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
 
@@ -87,18 +80,15 @@ class DKD(DistillationMethod):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         temperature: float = 4.0,
         alpha: float = 1.0,
         beta: float = 8.0,
         ce_weight: float = 1.0,
         warmup_epochs: int = 20,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         if warmup_epochs < 1:
             raise ValueError(f"DKD.warmup_epochs must be ≥ 1, got {warmup_epochs}")
         self.dkd_loss = DKDLoss(alpha, beta, temperature)

@@ -6,7 +6,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -89,11 +88,7 @@ class DHKD(DistillationMethod):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         temperature: float = 2.0,
         ce_weight: float = 1.0,
         kd_weight: float = 1.0,
@@ -101,11 +96,12 @@ class DHKD(DistillationMethod):
         gradient_alignment: bool = False,
         kd_stop_epoch: int | None = None,
         log_aux_accuracy: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         if kd_stop_epoch is not None and kd_stop_epoch < 1:
             raise ValueError(f"DHKD.kd_stop_epoch must be ≥ 1 (epochs count from 1) or None, got {kd_stop_epoch}")
-        self.aux_head = build_aux_head(aux_head, embedding_dim(self.student, in_chans), self.num_classes)
+        self.aux_head = build_aux_head(aux_head, embedding_dim(self.student, self.hparams.get("in_chans")), self.num_classes)
         self.bkl_loss = BinaryKLNormLoss(temperature)
         self.ce_weight, self.kd_weight, self.kd_stop_epoch = ce_weight, kd_weight, kd_stop_epoch
         self.gradient_alignment = gradient_alignment

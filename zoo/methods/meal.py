@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from zoo.losses import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
@@ -42,18 +41,15 @@ class MEALV2(DistillationMethod):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         discriminator_min_hidden: int = 2,
         discriminator_lr: float | None = None,
         discriminator_weight: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        if teacher_ensemble != "prob":
+        if kwargs.get("teacher_ensemble", "prob") != "prob":
             raise ValueError("MEALV2.teacher_ensemble must be 'prob': MEAL V2 averages probabilities, not logits")
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         self.discriminator = LogitDiscriminator(self.num_classes, discriminator_min_hidden)
         self.similarity = SoftCrossEntropy()
         self.discriminator_loss = MEALV2DiscriminatorLoss()

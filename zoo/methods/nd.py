@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -149,11 +148,7 @@ class KDND(_NDMixin):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         temperature: float = 4.0,
         ce_weight: float = 1.0,
         kd_weight: float = 3.5,
@@ -161,8 +156,9 @@ class KDND(_NDMixin):
         warmup_epochs: int = 20,
         centers_file: str | None = None,
         projector_init: Literal["cifar", "imagenet"] = "cifar",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         self.kd_loss = KDLoss(temperature)
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
         self._init_nd(nd_weight, warmup_epochs, centers_file, projector_init)
@@ -187,11 +183,7 @@ class DKDND(_NDMixin):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         temperature: float = 4.0,
         alpha: float = 2.0,
         beta: float = 8.0,
@@ -200,8 +192,9 @@ class DKDND(_NDMixin):
         warmup_epochs: int = 20,
         centers_file: str | None = None,
         projector_init: Literal["cifar", "imagenet"] = "cifar",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         self.dkd_loss = DKDLoss(alpha, beta, temperature)
         self.ce_weight = ce_weight
         self._init_nd(nd_weight, warmup_epochs, centers_file, projector_init)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from zoo.losses import (
@@ -71,11 +70,7 @@ class TRG(DistillationMethod):
         self,
         student: ModelLike,
         teacher: TeacherLike,
-        num_classes: int | None = None,
-        in_chans: int | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        teacher_ensemble: Literal["prob", "logit"] = "prob",
+        *,
         student_layer: str = "layer3",
         teacher_layer: str = "layer3",
         tokens: int = 16,
@@ -97,13 +92,14 @@ class TRG(DistillationMethod):
         kd_weight: float = 1.0,
         ce_weight: float = 1.0,
         temperature: float = 4.0,
+        **kwargs: Any,
     ) -> None:
         if tokens < 1:
             raise ValueError(f"TRG.tokens must be ≥ 1, got {tokens}")
         # The base builds the feature taps from these; per instance, since the layer is a constructor argument.
         self.student_taps = (student_layer,)
         self.teacher_taps = (teacher_layer,)
-        super().__init__(student, teacher, num_classes, in_chans, optimizer, lr_scheduler, teacher_ensemble)
+        super().__init__(student, teacher, **kwargs)
         self.student_layer, self.teacher_layer, self.token_grid = student_layer, teacher_layer, token_grid
         self.sampler = TokenSampler(tokens)
         self.kd_loss = KDLoss(temperature)
