@@ -2,12 +2,14 @@
 
 from zoo.data.base import ZooDataModule
 from zoo.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from zoo.data.digit_scenes import DigitScenesDataModule
 from zoo.data.digits import DigitsDataModule
 from zoo.data.imagefolder import ImageFolderDataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DigitScenesDataModule",
     "DigitsDataModule",
     "ImageFolderDataModule",
     "ZooDataModule",
