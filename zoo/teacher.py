@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from zoo.models.sources import ModelSource, build_model, source_from_config
 
-__all__ = ["FeatureTaps", "Teacher", "PRE_LOGITS"]
+__all__ = ["FeatureTaps", "Teacher", "PRE_LOGITS", "embedding_dim"]
 
 PRE_LOGITS = "pre_logits"
 _INTERMEDIATES = "intermediates."
@@ -149,6 +149,22 @@ class FeatureTaps:
         self._handles.clear()
 
 
+def embedding_dim(model: nn.Module, in_chans: int | None) -> int:
+    """The pooled embedding size: ``num_features`` (timm, zoo CIFAR models) or one dummy forward."""
+    dim = getattr(model, "num_features", None)
+    if isinstance(dim, int):
+        return dim
+    was_training = model.training
+    taps = FeatureTaps(model, [PRE_LOGITS])
+    try:
+        with torch.no_grad():
+            _, feats = taps(torch.zeros(2, in_chans or 3, 32, 32))
+    finally:
+        taps.remove()
+        model.train(was_training)
+    return feats[PRE_LOGITS].shape[1]
+
+
 class Teacher(nn.Module):
     """A frozen teacher network or ensemble, with input re-normalisation and feature taps.
 
@@ -188,7 +204,9 @@ class Teacher(nn.Module):
         self.expected_norm = list(expected_norm) if expected_norm is not None else [None] * len(members)
         if len(self.expected_norm) != len(members):
             raise ValueError("Teacher.expected_norm needs one entry per member")
-        self._affine: list[tuple[Tensor, Tensor] | None] = [None] * len(members)
+        # Per member, the re-normalisation map as non-persistent buffers, so device/dtype moves carry them and the
+        # forward does no conversion; _affine[i] is None while member i needs no map.
+        self._affine: list[int | None] = [None] * len(members)
         self.taps = FeatureTaps(self.members[0], taps) if taps else None
         self.names = list(names) if names is not None else [type(m).__name__ for m in members]
         self.requires_grad_(False)
@@ -223,8 +241,8 @@ class Teacher(nn.Module):
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Tells the teacher how the data it receives is normalised, so each member gets what it expects."""
         for i, norm in enumerate(self.expected_norm):
+            self._affine[i] = None
             if norm is None:
-                self._affine[i] = None
                 continue
             m_t = torch.as_tensor(norm[0], dtype=torch.float32).view(1, -1, 1, 1)
             s_t = torch.as_tensor(norm[1], dtype=torch.float32).view(1, -1, 1, 1)
@@ -235,15 +253,17 @@ class Teacher(nn.Module):
                     f"teacher member {i} expects {m_t.numel()}-channel normalisation but the data has {m_s.numel()}"
                 )
             scale, shift = s_s / s_t, (m_s - m_t) / s_t
-            same = torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift))
-            self._affine[i] = None if same else (scale, shift)
+            if torch.allclose(scale, torch.ones_like(scale)) and torch.allclose(shift, torch.zeros_like(shift)):
+                continue
+            device = next(self.members[i].parameters(), torch.empty(0)).device
+            self.register_buffer(f"_scale{i}", scale.to(device), persistent=False)
+            self.register_buffer(f"_shift{i}", shift.to(device), persistent=False)
+            self._affine[i] = i
 
     def _prepare(self, i: int, x: Tensor) -> Tensor:
-        affine = self._affine[i]
-        if affine is None:
+        if self._affine[i] is None:
             return x
-        scale, shift = affine
-        return x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
+        return x * getattr(self, f"_scale{i}").to(x.dtype) + getattr(self, f"_shift{i}").to(x.dtype)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:

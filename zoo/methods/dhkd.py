@@ -11,8 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.losses import BinaryKLNormLoss
 from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
-from zoo.methods.nd import embedding_dim
-from zoo.teacher import PRE_LOGITS
+from zoo.teacher import PRE_LOGITS, embedding_dim
 
 __all__ = ["DHKD", "build_aux_head", "pcgrad_project"]
 
@@ -101,7 +100,8 @@ class DHKD(DistillationMethod):
         super().__init__(student, teacher, **kwargs)
         if kd_stop_epoch is not None and kd_stop_epoch < 1:
             raise ValueError(f"DHKD.kd_stop_epoch must be ≥ 1 (epochs count from 1) or None, got {kd_stop_epoch}")
-        self.aux_head = build_aux_head(aux_head, embedding_dim(self.student, self.hparams.get("in_chans")), self.num_classes)
+        dim = embedding_dim(self.student, self.hparams.get("in_chans"))
+        self.aux_head = build_aux_head(aux_head, dim, self.num_classes)
         self.bkl_loss = BinaryKLNormLoss(temperature)
         self.ce_weight, self.kd_weight, self.kd_stop_epoch = ce_weight, kd_weight, kd_stop_epoch
         self.gradient_alignment = gradient_alignment

@@ -12,25 +12,9 @@ from torch.utils.data import DataLoader
 
 from zoo.losses import DKDLoss, KDLoss, NDLoss, NDProjector
 from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
-from zoo.teacher import PRE_LOGITS, FeatureTaps, Teacher
+from zoo.teacher import PRE_LOGITS, Teacher, embedding_dim
 
 __all__ = ["DKDND", "KDND", "compute_class_centers", "embedding_dim"]
-
-
-def embedding_dim(model: nn.Module, in_chans: int | None) -> int:
-    """The pooled embedding size: ``num_features`` (timm, zoo CIFAR models) or one dummy forward."""
-    dim = getattr(model, "num_features", None)
-    if isinstance(dim, int):
-        return dim
-    was_training = model.training
-    taps = FeatureTaps(model, [PRE_LOGITS])
-    try:
-        with torch.no_grad():
-            _, feats = taps(torch.zeros(2, in_chans or 3, 32, 32))
-    finally:
-        taps.remove()
-        model.train(was_training)
-    return feats[PRE_LOGITS].shape[1]
 
 
 @torch.no_grad()
