@@ -1,6 +1,7 @@
 """Digit scenes: deterministic, disjoint source digits, consistent labels, labelled fraction, ignore index."""
 
 import numpy as np
+import pytest
 import torch
 
 from zoo.data import DigitScenesDataModule
@@ -45,10 +46,29 @@ def test_labels_follow_the_source_digit_class():
     assert (masks == IGNORE_INDEX).any()  # the bilinear rim is ignored
 
 
-def test_labelled_fraction_hides_the_other_masks():
+def test_labelled_fraction_splits_labelled_and_unlabelled_scenes():
     dm = small(labelled_fraction=0.125)
     dm.setup()
     assert int(dm.labelled.sum()) == 4
-    masks = dm.train_set.masks
-    assert (masks[~dm.labelled] == IGNORE_INDEX).all() and (masks[dm.labelled] != IGNORE_INDEX).any()
+    assert len(dm.train_set) == 4 and len(dm.unlabelled_set) == 28
+    assert (dm.unlabelled_set.masks == IGNORE_INDEX).all() and (dm.train_set.masks != IGNORE_INDEX).any()
     assert (dm.val_set.masks != IGNORE_INDEX).all()  # evaluation keeps all labels
+    assert isinstance(dm.train_dataloader(), torch.utils.data.DataLoader)  # supervised: labelled scenes only
+
+
+def test_semi_supervised_loader_cycles_the_labelled_scenes():
+    dm = small(labelled_fraction=0.25, semi_supervised=True, batch_size=4)
+    dm.setup()
+    loader = dm.train_dataloader()
+    batches = list(iter(loader))
+    assert len(batches) == 24 // 4  # max(#labelled, #unlabelled) / batch
+    batch = batches[0][0] if isinstance(batches[0], tuple) else batches[0]
+    assert set(batch) == {"labelled", "unlabelled", "unlabelled_mix"}
+    assert (batch["labelled"][1] != IGNORE_INDEX).any() and (batch["unlabelled"][1] == IGNORE_INDEX).all()
+
+
+def test_semi_supervised_without_unlabelled_images_fails_clearly():
+    dm = small(semi_supervised=True)
+    dm.setup()
+    with pytest.raises(ValueError, match="semi_supervised"):
+        dm.train_dataloader()

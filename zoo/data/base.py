@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader, Dataset
+from typing import Any
+
 import lightning as L
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["ZooDataModule"]
 
@@ -13,6 +15,12 @@ class ZooDataModule(L.LightningDataModule):
 
     Subclasses set ``train_set``, ``val_set``, ``test_set`` in ``setup`` and provide ``num_classes``,
     ``in_chans``, ``mean`` and ``std`` (the normalisation applied to every image they yield).
+
+    Semi-supervised data (segmentation: MGD) also sets ``unlabelled_set``. With ``semi_supervised`` true the
+    training loader is a ``CombinedLoader`` of three loaders, ``{"labelled": (x, y), "unlabelled": (u0, _),
+    "unlabelled_mix": (u1, _)}`` (two independent shuffles of the unlabelled set, for CutMix), in
+    ``max_size_cycle`` mode: an epoch is max(#labelled, #unlabelled) / batch steps and the shorter loader cycles,
+    as in the MGD and CPS code. Without it only the labelled ``train_set`` is used.
 
     Args:
         batch_size: training batch size.
@@ -25,6 +33,7 @@ class ZooDataModule(L.LightningDataModule):
     in_chans: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    semi_supervised: bool = False
 
     def __init__(
         self,
@@ -43,6 +52,7 @@ class ZooDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.unlabelled_set: Dataset | None = None
 
     @property
     def name(self) -> str:
@@ -62,8 +72,22 @@ class ZooDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+    def train_dataloader(self) -> Any:
+        if not self.semi_supervised:
+            return self._loader(self.train_set, train=True)
+        if self.unlabelled_set is None or len(self.unlabelled_set) == 0:
+            raise ValueError(
+                f"{type(self).__name__}.semi_supervised is true but there are no unlabelled training images "
+                "(set the labelled fraction below 1 or give an unlabelled list)"
+            )
+        from lightning.pytorch.utilities import CombinedLoader
+
+        loaders = {
+            "labelled": self._loader(self.train_set, train=True),
+            "unlabelled": self._loader(self.unlabelled_set, train=True),
+            "unlabelled_mix": self._loader(self.unlabelled_set, train=True),
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

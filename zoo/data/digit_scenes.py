@@ -78,8 +78,10 @@ class DigitScenesDataModule(ZooDataModule):
     repeated to ``channels``.
 
     ``labelled_fraction`` < 1 keeps the labels of only that share of the training scenes (the first ones; a fixed
-    choice given the seed) and sets the others' masks to 255, for semi-supervised methods (MGD); ``labelled``
-    holds the flag per training scene.
+    choice given the seed; ``labelled`` holds the flag per scene): ``train_set`` holds the labelled scenes and
+    ``unlabelled_set`` the others, whose masks are all 255. Supervised methods then train on the labelled scenes
+    only; with ``semi_supervised`` the training loader also yields unlabelled batches (see ``ZooDataModule``), for
+    MGD, and for a supervised baseline that should take as many steps as MGD (it uses the labelled part only).
 
     Args:
         batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
@@ -90,6 +92,7 @@ class DigitScenesDataModule(ZooDataModule):
         noise: standard deviation of the Gaussian pixel noise.
         ignore_border: label the faint rim of each digit 255.
         labelled_fraction: share of training scenes that keep their labels.
+        semi_supervised: also yield unlabelled batches during training.
         channels: 1 or 3.
         seed: seed of the source split and of the scene generator.
     """
@@ -109,6 +112,7 @@ class DigitScenesDataModule(ZooDataModule):
         noise: float = 0.1,
         ignore_border: bool = False,
         labelled_fraction: float = 1.0,
+        semi_supervised: bool = False,
         channels: int = 3,
         seed: int = 0,
     ) -> None:
@@ -130,6 +134,7 @@ class DigitScenesDataModule(ZooDataModule):
             ignore_border=ignore_border,
         )
         self.labelled_fraction = labelled_fraction
+        self.semi_supervised = semi_supervised
         self.num_classes = 11
         self.in_chans = channels
         self.ignore_index = IGNORE_INDEX
@@ -177,12 +182,20 @@ class DigitScenesDataModule(ZooDataModule):
         self._generate()
         return (self._stats[1],) * self.channels
 
-    def _dataset(self, split: str) -> _SceneDataset:
+    def _dataset(self, split: str, keep: Tensor | None = None) -> _SceneDataset:
         images, masks = self._generate()[split]
+        if keep is not None:
+            images, masks = images[keep], masks[keep]
         m, s = self._stats
         return _SceneDataset(((images - m) / s).expand(-1, self.channels, -1, -1).contiguous(), masks)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = self._dataset("train")
+        self._generate()
+        assert self.labelled is not None
+        if self.labelled.all():
+            self.train_set, self.unlabelled_set = self._dataset("train"), None
+        else:
+            self.train_set = self._dataset("train", self.labelled)
+            self.unlabelled_set = self._dataset("train", ~self.labelled)
         self.val_set = self._dataset("val")
         self.test_set = self._dataset("test")
