@@ -29,6 +29,8 @@ class FitSummary(L.Callback):
         self.enabled = enabled
         self.summary: dict[str, Any] = {}
         self._start = 0.0
+        self.score_name = "val top-1"
+        self._keys = ("val/acc", "val/teacher_acc", "val/agreement")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -37,6 +39,9 @@ class FitSummary(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         names = pl_module.describe() if hasattr(pl_module, "describe") else {"method": type(pl_module).__name__}
         teacher = getattr(pl_module, "teacher", None)
+        score, teacher_score, agreement, self.score_name = getattr(
+            pl_module, "summary_keys", ("val/acc", "val/teacher_acc", "val/agreement", "val top-1")
+        )
         self.summary = {
             **names,
             "student_params": _count(getattr(pl_module, "student", pl_module)),
@@ -45,7 +50,10 @@ class FitSummary(L.Callback):
             "seconds": round(time.perf_counter() - self._start, 1),
             "log_dir": trainer.log_dir,
             **{k: metrics[k] for k in ("val/acc", "val/acc5", "val/teacher_acc", "val/agreement") if k in metrics},
+            **{k: metrics[k] for k in (score, teacher_score, agreement) if k in metrics},
         }
+        self._keys = (score, teacher_score, agreement)
+        self.agreement_name = getattr(pl_module, "agreement_name", "top-1")
         if self.enabled:
             self._print()
 
@@ -56,15 +64,17 @@ class FitSummary(L.Callback):
 
         s = self.summary
         table = Table(title=f"{s['method']}: {s['epochs']} epochs in {s['seconds']} s", show_header=True)
-        for col in ("", "model", "parameters", "val top-1"):
+        score, teacher_score, agreement = self._keys
+        for col in ("", "model", "parameters", self.score_name):
             table.add_column(col)
         if "teacher" in s:
-            table.add_row("teacher", s["teacher"], f"{s['teacher_params']:,}", _pct(s.get("val/teacher_acc")))
-        table.add_row("student", s["student"], f"{s['student_params']:,}", _pct(s.get("val/acc")))
+            table.add_row("teacher", s["teacher"], f"{s['teacher_params']:,}", _pct(s.get(teacher_score)))
+        table.add_row("student", s["student"], f"{s['student_params']:,}", _pct(s.get(score)))
         console = Console()
         console.print(table)
-        if "val/agreement" in s:
-            console.print(f"student–teacher top-1 agreement: {_pct(s['val/agreement'])}")
+        if agreement in s:
+            kind = getattr(self, "agreement_name", "top-1")
+            console.print(f"student–teacher {kind} agreement: {_pct(s[agreement])}")
         console.print(f"logs, config and checkpoints: {s['log_dir']}")
 
 

@@ -4,6 +4,15 @@ from zoo.losses.dhkd import BinaryKLLoss, BinaryKLNormLoss
 from zoo.losses.kd import DKDLoss, KDLoss
 from zoo.losses.meal import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
 from zoo.losses.nd import NDLoss, NDProjector
+from zoo.losses.segmentation import (
+    BoxMaskGenerator,
+    CWDLoss,
+    LabelNoiser,
+    MGDContentLoss,
+    MGDSemanticLoss,
+    PixelKDLoss,
+    cutmix,
+)
 from zoo.losses.trg import (
     TokenSampler,
     TRGGlobalLoss,
@@ -16,6 +25,13 @@ from zoo.losses.trg import (
 )
 
 __all__ = [
+    "BoxMaskGenerator",
+    "CWDLoss",
+    "LabelNoiser",
+    "MGDContentLoss",
+    "MGDSemanticLoss",
+    "PixelKDLoss",
+    "cutmix",
     "BinaryKLLoss",
     "BinaryKLNormLoss",
     "DKDLoss",

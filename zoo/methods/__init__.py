@@ -5,6 +5,33 @@ from zoo.methods.classification import DKD, KD, Supervised
 from zoo.methods.dhkd import DHKD
 from zoo.methods.meal import MEALV2
 from zoo.methods.nd import DKDND, KDND
+from zoo.methods.segmentation import (
+    CWD,
+    LAD,
+    MGD,
+    LADTeacher,
+    PixelKD,
+    SegmentationMethod,
+    SupervisedSegmentation,
+)
 from zoo.methods.trg import TRG
 
-__all__ = ["DHKD", "DKD", "DKDND", "DistillationMethod", "KD", "KDND", "MEALV2", "Outputs", "Supervised", "TRG"]
+__all__ = [
+    "CWD",
+    "DHKD",
+    "DKD",
+    "DKDND",
+    "DistillationMethod",
+    "KD",
+    "KDND",
+    "LAD",
+    "LADTeacher",
+    "MEALV2",
+    "MGD",
+    "Outputs",
+    "PixelKD",
+    "SegmentationMethod",
+    "Supervised",
+    "SupervisedSegmentation",
+    "TRG",
+]

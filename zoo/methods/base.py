@@ -72,6 +72,8 @@ class DistillationMethod(L.LightningModule, abc.ABC):
             weight_decay=5e-4), the CIFAR-100 KD recipe of mdistiller.
         lr_scheduler: scheduler factory (stepped per epoch), or ``None`` for a constant lr.
         teacher_ensemble: how ensemble members are combined (``prob``: mean of softmax; ``logit``: mean logit).
+        lr_scheduler_interval: step the scheduler every ``epoch`` or every optimizer ``step`` (iteration-based
+            recipes such as segmentation's poly schedule).
 
     Methods take ``student`` and ``teacher`` positionally, their own options by keyword, and pass the arguments
     above through ``**kwargs`` (LightningCLI/jsonargparse resolves them from this signature).
@@ -80,6 +82,9 @@ class DistillationMethod(L.LightningModule, abc.ABC):
     student_taps: Sequence[str] = ()
     teacher_taps: Sequence[str] = ()
     requires_teacher: bool = True
+    #: The metrics the fit summary prints: (student, teacher, agreement, what the score is called).
+    summary_keys: tuple[str, str, str, str] = ("val/acc", "val/teacher_acc", "val/agreement", "val top-1")
+    agreement_name: str = "top-1"
 
     def __init__(
         self,
@@ -90,6 +95,7 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         teacher_ensemble: Literal["prob", "logit"] = "prob",
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
     ) -> None:
         super().__init__()
         ignore = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
@@ -102,7 +108,7 @@ class DistillationMethod(L.LightningModule, abc.ABC):
             raise ValueError(f"{type(self).__name__}.teacher is required (a zoo.models source, a list, or a module)")
         # A plain dict, so that a module passed as the source is not registered a second time.
         self._sources: dict[str, Any] = {"student": student, "teacher": teacher}
-        self.student = build_model(student, num_classes=num_classes, in_chans=in_chans)
+        self.student = build_model(student, num_classes=num_classes, in_chans=self.student_in_chans(in_chans))
         resolved = num_classes if num_classes is not None else _num_classes_of(self.student)
         if resolved is None:
             raise ValueError(f"{type(self).__name__}.num_classes: not given and not readable from the student")
@@ -111,31 +117,45 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         if teacher is not None:
             self._teacher.append(
                 Teacher.from_sources(
-                    teacher, num_classes=resolved, in_chans=in_chans, ensemble=teacher_ensemble, taps=self.teacher_taps
+                    teacher,
+                    num_classes=resolved,
+                    in_chans=self.teacher_in_chans(in_chans),
+                    ensemble=teacher_ensemble,
+                    taps=self.teacher_taps,
                 )
             )
         self._student_taps = FeatureTaps(self.student, self.student_taps) if self.student_taps else None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        top5 = min(5, resolved)
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval must be 'epoch' or 'step', got {lr_scheduler_interval!r}")
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.build_metrics(resolved)
+
+    def build_metrics(self, num_classes: int) -> None:
+        """Creates the metric modules (classification here; segmentation methods override)."""
+        top5 = min(5, num_classes)
         metrics = MetricCollection(
             {
-                "acc": MulticlassAccuracy(resolved, top_k=1, average="micro"),
-                "acc5": MulticlassAccuracy(resolved, top_k=top5, average="micro"),
+                "acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "acc5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
             }
         )
-        self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(resolved, average="micro")}, prefix="train/")
+        self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(num_classes, average="micro")}, prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        self.val_teacher = MetricCollection(
-            {
-                "teacher_acc": MulticlassAccuracy(resolved, average="micro"),
-            },
-            prefix="val/",
-        )
-        self.val_agreement = MulticlassAccuracy(resolved, average="micro")
+        self.val_teacher = MetricCollection({"teacher_acc": MulticlassAccuracy(num_classes, average="micro")}, prefix="val/")
+        self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
         self.test_teacher = self.val_teacher.clone(prefix="test/")
-        self.test_agreement = MulticlassAccuracy(resolved, average="micro")
+        self.test_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    def student_in_chans(self, in_chans: int | None) -> int | None:
+        """Input channels the student is built with (LAD's teacher stage adds its label channel)."""
+        return in_chans
+
+    def teacher_in_chans(self, in_chans: int | None) -> int | None:
+        """Input channels the teacher is built with (LAD's label-assisted teacher takes one more)."""
+        return in_chans
 
     # ----------------------------------------------------------------------------------------------- teacher
     @property
@@ -205,12 +225,16 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         student = self.forward_student(x)
         teacher = self.forward_teacher(x)
         terms = self.loss_terms(student, teacher, y)
-        loss = torch.stack(list(terms.values())).sum()
-        bs = x.shape[0]
-        self.log_dict({f"train/loss_{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        loss = self.log_loss_terms(terms, x.shape[0])
         self.train_metrics(student.logits.detach(), y)
-        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=bs)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def log_loss_terms(self, terms: dict[str, Tensor], batch_size: int) -> Tensor:
+        """Logs each term as ``train/loss_<name>`` and their sum as ``train/loss``; returns the sum."""
+        loss = torch.stack(list(terms.values())).sum()
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
 
     def _eval_step(self, batch: Any, stage: str) -> dict[str, Tensor]:
@@ -261,7 +285,7 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
 
     # ----------------------------------------------------------------------------------------------- info
     def describe(self) -> dict[str, str]:

@@ -15,16 +15,28 @@ from zoo.models.sources import (
     load_weights,
     read_state_dict,
 )
+from zoo.models.segmentation import (
+    MMSegModel,
+    SMPModel,
+    TorchvisionSegmentationModel,
+    expand_input_channels,
+    segmentation_taps,
+)
 
 __all__ = [
     "CIFAR_MODELS",
     "CIFARModel",
+    "MMSegModel",
+    "SMPModel",
+    "TorchvisionSegmentationModel",
     "ModelSource",
     "TimmModel",
     "TorchvisionModel",
     "build_model",
     "create_cifar_model",
+    "expand_input_channels",
     "list_cifar_models",
     "load_weights",
     "read_state_dict",
+    "segmentation_taps",
 ]
