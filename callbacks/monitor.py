@@ -31,7 +31,9 @@ class DistillationMonitor(L.Callback):
           weighted by batch size. ``DistillationMethod`` also logs ``val/teacher_acc`` every epoch; this is the
           cheap one-off copy under its own name.
         - ``val/kl_teacher_student``: KL(p_t ‖ p_s) at T = 1, summed over classes, averaged over every validation
-          sample of the epoch (each batch's mean weighted by its size; reduced across processes).
+          sample of the epoch (each batch's mean weighted by its size; reduced across processes). For segmentation
+          logits (N, C, H, W) it is the per-pixel KL averaged over pixels, and the teacher accuracy is per pixel,
+          leaving out the method's ``ignore_index``.
         - ``val/agreement``: share of samples where student and teacher top-1 agree. Only for modules that do not
           log it themselves: every ``DistillationMethod`` already does (exact, with torchmetrics), so for the
           zoo's methods the monitor leaves that name to the method instead of logging a duplicate.
@@ -110,20 +112,19 @@ class DistillationMonitor(L.Callback):
         bs = student.shape[0]
         # sync_dist: Lightning sums value·batch_size and batch sizes over processes, so the mean stays exact.
         log = dict(on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        # Classes are on dim 1: (N, C) for classification, (N, C, H, W) for segmentation (then per pixel).
         if self.kl:
-            kl = F.kl_div(
-                F.log_softmax(student.detach().float(), -1),
-                F.log_softmax(teacher.detach().float(), -1),
-                reduction="batchmean",
-                log_target=True,
-            )
+            log_s = F.log_softmax(student.detach().float(), 1)
+            log_t = F.log_softmax(teacher.detach().float(), 1)
+            kl = (log_t.exp() * (log_t - log_s)).sum(1).mean()
             pl_module.log("val/kl_teacher_student", kl, **log)
         if self.agreement and not isinstance(pl_module, DistillationMethod):
-            agree = (student.argmax(-1) == teacher.argmax(-1)).float().mean()
+            agree = (student.argmax(1) == teacher.argmax(1)).float().mean()
             pl_module.log("val/agreement", agree, **log)
         target = outputs.get("target")
         if self._teacher_acc_epoch and isinstance(target, Tensor):
-            acc = (teacher.argmax(-1) == target).float().mean()
+            valid = target != getattr(pl_module, "ignore_index", -100)
+            acc = (teacher.argmax(1) == target)[valid].float().mean()
             pl_module.log("val/teacher_acc_once", acc, **log)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -12,7 +13,6 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from callbacks.summary import FitSummary
 from zoo.data.base import ZooDataModule
-from zoo.methods.base import DistillationMethod
 
 __all__ = ["ZooCLI", "main"]
 
@@ -41,6 +41,8 @@ class ZooSaveConfig(SaveConfigCallback):
 class ZooCLI(LightningCLI):
     """LightningCLI in subclass mode for methods and data modules, with OmegaConf interpolation.
 
+    - ``model`` is any ``LightningModule`` subclass (``zoo.methods.*``, the dataset-distillation modules);
+      ``data`` any ``ZooDataModule``.
     - ``data.num_classes`` and ``data.in_chans`` are linked into the method when the data module is built.
     - Parser mode ``omegaconf+`` (a superset of the ``omegaconf`` mode): ``${...}`` interpolation is resolved after
       every source (config files and command line) is merged, so ``--trainer.max_epochs=2`` also reaches a
@@ -59,8 +61,9 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", ZooSaveConfig)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
+        # Any LightningModule: distillation methods (zoo.methods) and the dataset-distillation modules alike.
         super().__init__(
-            DistillationMethod,
+            L.LightningModule,
             ZooDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,

@@ -11,9 +11,12 @@ from zoo.cli import ZooCLI
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
-DIGITS = [c for c in CONFIGS if "/digits/" in c or c.endswith("quickstart.yaml")]
+# Dataset-distillation configs need an expert buffer first: tests/dataset_distillation runs them.
+DIGITS = [
+    c for c in CONFIGS if ("/digits/" in c and "/dataset_distillation/" not in c) or c.endswith("quickstart.yaml")
+]
 FULL_SIZE = {"cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
-LARGE = [c for c in CONFIGS if any(f"/{k}/" in c for k in FULL_SIZE)]
+LARGE = [c for c in CONFIGS if any(f"/{k}/" in c for k in FULL_SIZE) and "/dataset_distillation/" not in c]
 
 
 class ParseOnlyCLI(ZooCLI):
@@ -29,7 +32,7 @@ def test_configs_were_found():
 def test_config_parses(config, monkeypatch):
     monkeypatch.chdir(ROOT)
     cli = ParseOnlyCLI(args=["--config", config], run=False)
-    assert cli.config.model.class_path.startswith("zoo.methods.")
+    assert cli.config.model.class_path.startswith("zoo.")
     assert cli.config.data.class_path.startswith("zoo.data.")
 
 

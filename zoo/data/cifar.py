@@ -19,6 +19,10 @@ class _CIFARDataModule(ZooDataModule):
         root: folder holding (or receiving) the data set.
         download: download it when missing (torchvision); otherwise a missing data set fails at once.
         batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        augment: the random crop and flip on training images (dataset distillation's experts use DSA instead).
+        normalize: normalise with ``mean``/``std`` (MTT's ZCA setting whitens raw [0, 1] pixels instead).
+        mean, std: override the normalisation (MTT uses CIFAR-10's (0.4914, 0.4822, 0.4465) /
+            (0.2023, 0.1994, 0.2010) for both CIFARs).
     """
 
     _folder: str
@@ -34,10 +38,22 @@ class _CIFARDataModule(ZooDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = False,
+        augment: bool = True,
+        normalize: bool = True,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         self.root = root
         self.download = download
+        self.augment = augment
+        self.normalize = normalize
+        if mean is not None:
+            self.mean = tuple(float(v) for v in mean)
+        if std is not None:
+            self.std = tuple(float(v) for v in std)
+        if not normalize:
+            self.mean, self.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
     def _check(self) -> None:
         folder = Path(self.root) / self._folder
@@ -62,8 +78,9 @@ class _CIFARDataModule(ZooDataModule):
     def transforms(self, train: bool):
         import torchvision.transforms as T
 
-        ops = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
-        return T.Compose([*ops, T.ToTensor(), T.Normalize(self.mean, self.std)])
+        ops = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train and self.augment else []
+        norm = [T.Normalize(self.mean, self.std)] if self.normalize else []
+        return T.Compose([*ops, T.ToTensor(), *norm])
 
     def setup(self, stage: str | None = None) -> None:
         self._check()

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from zoo.data.base import ZooDataModule
 
-__all__ = ["DigitScenesDataModule", "IGNORE_INDEX", "make_digit_scenes"]
+__all__ = ["IGNORE_INDEX", "DigitScenesDataModule", "make_digit_scenes"]
 
 IGNORE_INDEX = 255
 
@@ -136,6 +136,7 @@ class DigitScenesDataModule(ZooDataModule):
         self.labelled_fraction = labelled_fraction
         self.semi_supervised = semi_supervised
         self.num_classes = 11
+        self.class_names = ("background", *(f"digit{k}" for k in range(10)))
         self.in_chans = channels
         self.ignore_index = IGNORE_INDEX
         self._scenes: dict[str, tuple[Tensor, Tensor]] | None = None

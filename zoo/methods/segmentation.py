@@ -28,12 +28,18 @@ from zoo.losses.segmentation import (
     PixelKDLoss,
     cutmix,
 )
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike, _as_config
+from zoo.methods.base import (
+    DistillationMethod,
+    ModelLike,
+    Outputs,
+    TeacherLike,
+    _as_config,
+)
 from zoo.metrics import SegmentationMetrics
 from zoo.models.segmentation import segmentation_taps
 from zoo.teacher import FeatureTaps, Teacher
 
-__all__ = ["CWD", "LAD", "LADTeacher", "MGD", "PixelKD", "SegmentationMethod", "SupervisedSegmentation"]
+__all__ = ["CWD", "LAD", "MGD", "LADTeacher", "PixelKD", "SegmentationMethod", "SupervisedSegmentation"]
 
 TapName = Literal["logits", "features", "aux"]
 
