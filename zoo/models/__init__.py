@@ -6,6 +6,7 @@ A source is a small object with type-hinted arguments (so LightningCLI can build
 """
 
 from zoo.models.cifar import CIFAR_MODELS, create_cifar_model, list_cifar_models
+from zoo.models.convnet import ConvNet, ConvNetModel, has_batchnorm
 from zoo.models.sources import (
     CIFARModel,
     ModelSource,
@@ -26,6 +27,8 @@ from zoo.models.segmentation import (
 __all__ = [
     "CIFAR_MODELS",
     "CIFARModel",
+    "ConvNet",
+    "ConvNetModel",
     "MMSegModel",
     "SMPModel",
     "TorchvisionSegmentationModel",
@@ -35,6 +38,7 @@ __all__ = [
     "build_model",
     "create_cifar_model",
     "expand_input_channels",
+    "has_batchnorm",
     "list_cifar_models",
     "load_weights",
     "read_state_dict",

@@ -1,0 +1,270 @@
+"""Expert trajectories on disk: one safetensors file per expert, and the folder of them (the "buffer").
+
+File format (``expert_{k:04d}.safetensors``, no pickles):
+
+- tensor ``trajectory``: float32 of shape (E + 1, P); row e holds the flattened parameters after e epochs (row 0 is
+  the initialisation), P = ``layout.num_params``, parameters in ``named_parameters()`` order.
+- metadata (safetensors' string map): ``format`` (``distill-zoo/expert-trajectory/1``), ``layout`` (JSON of
+  :meth:`ParamLayout.to_metadata`: names and shapes), and every entry of the metadata dict given to
+  :func:`save_trajectory`, JSON-encoded. :class:`~zoo.dataset_distillation.experts.ExpertTraining` records
+  ``network`` (e.g. ``convnet:D3-w128-instancenorm``), ``network_config``, ``dataset``, ``zca``, ``dsa_strategy``,
+  the training hyper-parameters, ``seed`` and ``expert``.
+
+A buffer folder holds the expert files and, when the experts were trained on ZCA-whitened images, the fitted
+transform as ``zca.safetensors`` (``ZCAWhitening.save``), so distillation whitens its real images the same way.
+MTT's ``replay_buffer_{k}.pt`` pickles (10 experts × lists of tensors) are not read; the layout is equivalent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from zoo.dataset_distillation.functional import ParamLayout
+
+__all__ = [
+    "FORMAT",
+    "Trajectory",
+    "TrajectoryBuffer",
+    "TrajectoryHeader",
+    "expert_file",
+    "load_trajectory",
+    "read_header",
+    "save_trajectory",
+]
+
+FORMAT = "distill-zoo/expert-trajectory/1"
+ZCA_FILE = "zca.safetensors"
+_RESERVED = ("format", "layout")
+
+
+def expert_file(buffer_dir: str | os.PathLike, k: int) -> Path:
+    """``<buffer_dir>/expert_{k:04d}.safetensors``."""
+    return Path(buffer_dir) / f"expert_{k:04d}.safetensors"
+
+
+@dataclass
+class TrajectoryHeader:
+    """What a trajectory file says about itself, read without loading the tensor."""
+
+    path: Path
+    layout: ParamLayout
+    metadata: dict[str, Any]
+    shape: tuple[int, int]
+
+    @property
+    def num_epochs(self) -> int:
+        """E: the number of training epochs recorded (the file holds E + 1 snapshots)."""
+        return self.shape[0] - 1
+
+
+@dataclass
+class Trajectory:
+    """One expert: ``params[e]`` is the flat parameter vector after e epochs (``params[0]``: the initialisation)."""
+
+    params: Tensor
+    layout: ParamLayout
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def num_epochs(self) -> int:
+        return self.params.shape[0] - 1
+
+
+def save_trajectory(
+    path: str | os.PathLike, trajectory: Tensor, layout: ParamLayout, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Writes an (E + 1, P) trajectory atomically: a temporary file beside ``path``, then ``os.replace``.
+
+    A crash or error leaves either the previous file or none, never a half-written one under the final name.
+    ``metadata`` values must be JSON-able; the keys ``format`` and ``layout`` are reserved.
+    """
+    path = Path(path)
+    if trajectory.dim() != 2 or trajectory.shape[1] != layout.num_params or trajectory.shape[0] < 1:
+        raise ValueError(
+            f"save_trajectory({path}): expected a tensor of shape (epochs + 1, {layout.num_params}), "
+            f"got {tuple(trajectory.shape)}"
+        )
+    metadata = dict(metadata or {})
+    clash = [k for k in _RESERVED if k in metadata]
+    if clash:
+        raise ValueError(f"save_trajectory({path}): metadata keys {clash} are reserved")
+    header = {"format": FORMAT, "layout": json.dumps(layout.to_metadata())}
+    header.update({str(k): json.dumps(v) for k, v in metadata.items()})
+    tensor = trajectory.detach().to("cpu", torch.float32).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"trajectory": tensor}, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _decode(path: Path, raw: dict[str, str] | None) -> tuple[ParamLayout, dict[str, Any]]:
+    raw = dict(raw or {})
+    if raw.get("format") != FORMAT or "layout" not in raw:
+        raise ValueError(
+            f"{path}: not an expert trajectory of distill-zoo (metadata format {raw.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    layout = ParamLayout.from_metadata(json.loads(raw["layout"]))
+    metadata: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _RESERVED:
+            continue
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return layout, metadata
+
+
+def read_header(path: str | os.PathLike) -> TrajectoryHeader:
+    """Layout, metadata and shape of a trajectory file (the tensor is not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expert trajectory not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata()
+            names = list(f.keys())  # a safe_open handle has keys() but no __contains__
+            if "trajectory" not in names:
+                raise ValueError(f"{path}: no tensor 'trajectory' (found {names})")
+            shape = tuple(f.get_slice("trajectory").get_shape())
+    except (OSError, RuntimeError, SafetensorError) as err:  # truncated or foreign files
+        raise ValueError(f"{path}: cannot read as safetensors ({err})") from err
+    layout, metadata = _decode(path, raw)
+    if len(shape) != 2 or shape[1] != layout.num_params:
+        raise ValueError(f"{path}: trajectory of shape {shape} does not fit its layout ({layout.num_params} values)")
+    return TrajectoryHeader(path, layout, metadata, (int(shape[0]), int(shape[1])))
+
+
+def load_trajectory(path: str | os.PathLike, device: str | torch.device = "cpu") -> Trajectory:
+    """Reads a file written by :func:`save_trajectory`."""
+    header = read_header(path)
+    with safe_open(str(header.path), framework="pt", device=str(device)) as f:
+        params = f.get_tensor("trajectory")
+    return Trajectory(params, header.layout, header.metadata, header.path)
+
+
+def _set_name(buffer_dir: Path) -> str:
+    parts = buffer_dir.parts
+    if "dataset_distillation" in parts:
+        i = parts.index("dataset_distillation")
+        if i + 1 < len(parts) - 1:
+            return parts[i + 1]
+    return "<set>"
+
+
+class TrajectoryBuffer:
+    """The expert trajectories in a folder (``expert_*.safetensors``, sorted by name).
+
+    Args:
+        buffer_dir: the folder ``ExpertTraining`` wrote (its ``buffer_dir``).
+        cache: keep loaded trajectories in memory (useful for small nets; CIFAR ConvNet-3 experts are ≈65 MB each).
+    """
+
+    def __init__(self, buffer_dir: str | os.PathLike, cache: bool = False) -> None:
+        self.buffer_dir = Path(buffer_dir)
+        self.files = sorted(self.buffer_dir.glob("expert_*.safetensors")) if self.buffer_dir.is_dir() else []
+        if not self.files:
+            what = "is empty" if self.buffer_dir.is_dir() else "does not exist"
+            raise FileNotFoundError(
+                f"TrajectoryBuffer: no expert trajectories (expert_*.safetensors) in {self.buffer_dir} (the folder "
+                f"{what}); train experts first: zoo fit --config "
+                f"configs/dataset_distillation/{_set_name(self.buffer_dir)}/experts.yaml"
+            )
+        self.cache = cache
+        self._headers: list[TrajectoryHeader] | None = None
+        self._loaded: dict[int, Trajectory] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return f"TrajectoryBuffer({str(self.buffer_dir)!r}, experts={len(self)})"
+
+    @property
+    def headers(self) -> list[TrajectoryHeader]:
+        if self._headers is None:
+            self._headers = [read_header(f) for f in self.files]
+        return self._headers
+
+    @property
+    def num_epochs(self) -> int:
+        """The number of epochs every expert has (the minimum over the files)."""
+        return min(h.num_epochs for h in self.headers)
+
+    def load(self, i: int, device: str | torch.device = "cpu") -> Trajectory:
+        if not 0 <= i < len(self):
+            raise IndexError(f"TrajectoryBuffer: expert {i} out of range (the buffer holds {len(self)})")
+        if i in self._loaded:
+            return self._loaded[i]
+        trajectory = load_trajectory(self.files[i], device=device)
+        if self.cache:
+            self._loaded[i] = trajectory
+        return trajectory
+
+    def sample(self, generator: torch.Generator | None = None) -> Trajectory:
+        """A uniformly drawn expert."""
+        return self.load(int(torch.randint(len(self), (1,), generator=generator)))
+
+    def check(
+        self,
+        layout: ParamLayout,
+        dataset: str | None = None,
+        zca: bool | None = None,
+        dsa_strategy: str | None = None,
+    ) -> None:
+        """Refuses experts recorded for another network layout, data set or preprocessing (``None``: not checked).
+
+        The error names the file and the field that differs.
+        """
+        expected = {"dataset": dataset, "zca": zca, "dsa_strategy": dsa_strategy}
+        for header in self.headers:
+            diff = header.layout.difference(layout)
+            if diff is not None:
+                raise ValueError(
+                    f"{header.path}: recorded for another network (field 'layout': file vs network: {diff}; the file's "
+                    f"network is {header.metadata.get('network', 'unrecorded')}); train experts for this network or "
+                    "point buffer_dir at matching ones"
+                )
+            for key, want in expected.items():
+                if want is None:
+                    continue
+                got = header.metadata.get(key)
+                if got != want:
+                    raise ValueError(
+                        f"{header.path}: field {key!r} is {got!r} but {want!r} was expected; these experts were "
+                        "trained on other data or preprocessing"
+                    )
+        zca_file = self.buffer_dir / ZCA_FILE
+        with_zca = [h.path.name for h in self.headers if h.metadata.get("zca")]
+        if with_zca and not zca_file.is_file():
+            raise ValueError(f"{self.buffer_dir}: experts {with_zca[:3]} were trained with ZCA but {ZCA_FILE} is missing")
+        if zca_file.is_file() and len(with_zca) < len(self):
+            plain = [h.path.name for h in self.headers if not h.metadata.get("zca")]
+            raise ValueError(f"{self.buffer_dir}: holds {ZCA_FILE} but experts {plain[:3]} were trained without ZCA")
+
+    def zca(self, device: str | torch.device = "cpu") -> Any:
+        """The ``ZCAWhitening`` the experts' images went through, or ``None`` when they were not whitened."""
+        path = self.buffer_dir / ZCA_FILE
+        if not path.is_file():
+            return None
+        from zoo.dataset_distillation.augment import ZCAWhitening
+
+        return ZCAWhitening.load(path, device=device)
