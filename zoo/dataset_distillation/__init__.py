@@ -6,25 +6,49 @@ expert's trajectory (:class:`MTT`, :class:`DATM`, :class:`AST`); the result is a
 :class:`DistilledDataModule` serves to any zoo method.
 """
 
-from zoo.dataset_distillation.augment import DIGITS_DSA_STRATEGY, DSA_STRATEGY, DiffAugment, DSAParams, ZCAWhitening
-from zoo.dataset_distillation.buffer import Trajectory, TrajectoryBuffer, load_trajectory, save_trajectory
-from zoo.dataset_distillation.distilled import DistilledDataModule, load_distilled, save_distilled
-from zoo.dataset_distillation.evaluate import EvalResult, evaluate_synthetic, soft_cross_entropy, train_on_set
+from zoo.dataset_distillation.augment import (
+    DIGITS_DSA_STRATEGY,
+    DSA_STRATEGY,
+    DiffAugment,
+    DSAParams,
+    ZCAWhitening,
+)
+from zoo.dataset_distillation.buffer import (
+    Trajectory,
+    TrajectoryBuffer,
+    load_trajectory,
+    save_trajectory,
+)
+from zoo.dataset_distillation.distilled import (
+    DistilledDataModule,
+    load_distilled,
+    save_distilled,
+)
+from zoo.dataset_distillation.evaluate import (
+    EvalResult,
+    evaluate_synthetic,
+    soft_cross_entropy,
+    train_on_set,
+)
 from zoo.dataset_distillation.experts import ExpertTraining
-from zoo.dataset_distillation.functional import ParamLayout, check_functional, functional_forward
+from zoo.dataset_distillation.functional import (
+    ParamLayout,
+    check_functional,
+    functional_forward,
+)
 from zoo.dataset_distillation.methods import AST, DATM, MTT, TrajectoryMatching
 
 __all__ = [
     "AST",
     "DATM",
     "DIGITS_DSA_STRATEGY",
-    "DSAParams",
     "DSA_STRATEGY",
+    "MTT",
+    "DSAParams",
     "DiffAugment",
     "DistilledDataModule",
     "EvalResult",
     "ExpertTraining",
-    "MTT",
     "ParamLayout",
     "Trajectory",
     "TrajectoryBuffer",

@@ -21,6 +21,7 @@ first-order approximation (``tests/dataset_distillation`` measures the differenc
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -450,11 +451,12 @@ class TrajectoryMatching(L.LightningModule):
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """Trains ``eval_nets`` fresh networks on the current set with the learned lr; logs their test accuracy."""
         hp = self.hparams
+        began = time.perf_counter()
         result = evaluate_synthetic(
             self.build_eval_net,
             self.images.detach(),
             self.labels().detach(),
-            float(self.syn_lr),
+            float(self.syn_lr.detach()),
             self.real_test_batches,
             num_nets=hp.eval_nets,
             seed=hp.seed + 1000,
@@ -462,10 +464,11 @@ class TrajectoryMatching(L.LightningModule):
             batch_size=hp.eval_batch_size,
             augment=self.dsa,
         )
-        metrics = {"eval/acc_mean": result.mean, "eval/acc_std": result.std, "eval/syn_lr": float(self.syn_lr)}
+        metrics = {"eval/acc_mean": result.mean, "eval/acc_std": result.std, "eval/syn_lr": float(self.syn_lr.detach())}
         best = max(self.last_eval.get("eval/best_over_checkpoints_mean", 0.0), result.mean)
         metrics["eval/best_over_checkpoints_mean"] = best
-        self.last_eval = {**metrics, "accuracies": result.accuracies, "iteration": self.global_step}
+        seconds = time.perf_counter() - began + self.last_eval.get("seconds_total", 0.0)
+        self.last_eval = {**metrics, "accuracies": result.accuracies, "iteration": self.global_step, "seconds_total": seconds}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         self.log_grid()
