@@ -11,12 +11,14 @@ from zoo.cli import ZooCLI
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
-# Dataset-distillation configs need an expert buffer first: tests/dataset_distillation runs them.
+# Dataset-distillation configs need an expert buffer first (tests/dataset_distillation runs them); the feature
+# distillation configs chain checkpoints (tests/configs/test_feature_configs.py runs them without).
+OWN_TESTS = ("/dataset_distillation/", "/feature_distillation/")
 DIGITS = [
-    c for c in CONFIGS if ("/digits/" in c and "/dataset_distillation/" not in c) or c.endswith("quickstart.yaml")
+    c for c in CONFIGS if ("/digits/" in c and not any(k in c for k in OWN_TESTS)) or c.endswith("quickstart.yaml")
 ]
 FULL_SIZE = {"cifar100": (3, 32, 32), "imagenet": (3, 224, 224)}
-LARGE = [c for c in CONFIGS if any(f"/{k}/" in c for k in FULL_SIZE) and "/dataset_distillation/" not in c]
+LARGE = [c for c in CONFIGS if any(f"/{k}/" in c for k in FULL_SIZE) and not any(k in c for k in OWN_TESTS)]
 
 
 class ParseOnlyCLI(ZooCLI):

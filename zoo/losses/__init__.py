@@ -1,6 +1,18 @@
 """Loss modules: tensor in, tensor out; each docstring gives the formula and the paper."""
 
 from zoo.losses.dhkd import BinaryKLLoss, BinaryKLNormLoss
+from zoo.losses.feature import (
+    DMAEFeatLoss,
+    G2SDDecoderLoss,
+    HybridFeatureLoss,
+    HybridRelationLoss,
+    ProgressiveMaskSchedule,
+    attention_logits,
+    keep_with_cls,
+    ln0,
+    masked_relations,
+    redundant_token_keep,
+)
 from zoo.losses.kd import DKDLoss, KDLoss
 from zoo.losses.meal import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
 from zoo.losses.nd import NDLoss, NDProjector
@@ -25,6 +37,16 @@ from zoo.losses.trg import (
 )
 
 __all__ = [
+    "DMAEFeatLoss",
+    "G2SDDecoderLoss",
+    "HybridFeatureLoss",
+    "HybridRelationLoss",
+    "ProgressiveMaskSchedule",
+    "attention_logits",
+    "keep_with_cls",
+    "ln0",
+    "masked_relations",
+    "redundant_token_keep",
     "BoxMaskGenerator",
     "CWDLoss",
     "LabelNoiser",

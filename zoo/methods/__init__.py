@@ -4,6 +4,8 @@ from zoo.methods.base import DistillationMethod, Outputs
 from zoo.methods.classification import DKD, KD, Supervised
 from zoo.methods.dhkd import DHKD
 from zoo.methods.meal import MEALV2
+from zoo.methods.mim import FineTune, LinearProbe, MAEPretrain
+from zoo.methods.mim_distill import DMAE, G2SDGeneric, G2SDSpecific, HybridDistill
 from zoo.methods.nd import DKDND, KDND
 from zoo.methods.segmentation import (
     CWD,
@@ -21,11 +23,18 @@ __all__ = [
     "DHKD",
     "DKD",
     "DKDND",
+    "DMAE",
     "DistillationMethod",
+    "FineTune",
+    "G2SDGeneric",
+    "G2SDSpecific",
+    "HybridDistill",
     "KD",
     "KDND",
     "LAD",
     "LADTeacher",
+    "LinearProbe",
+    "MAEPretrain",
     "MEALV2",
     "MGD",
     "Outputs",

@@ -7,6 +7,7 @@ A source is a small object with type-hinted arguments (so LightningCLI can build
 
 from zoo.models.cifar import CIFAR_MODELS, create_cifar_model, list_cifar_models
 from zoo.models.convnet import ConvNet, ConvNetModel, has_batchnorm
+from zoo.models.mae import MAEEncoderModel, MAEModel, MaskedAutoencoder, create_mae
 from zoo.models.sources import (
     CIFARModel,
     ModelSource,
@@ -29,7 +30,10 @@ __all__ = [
     "CIFARModel",
     "ConvNet",
     "ConvNetModel",
+    "MAEEncoderModel",
+    "MAEModel",
     "MMSegModel",
+    "MaskedAutoencoder",
     "SMPModel",
     "TorchvisionSegmentationModel",
     "ModelSource",
@@ -37,6 +41,7 @@ __all__ = [
     "TorchvisionModel",
     "build_model",
     "create_cifar_model",
+    "create_mae",
     "expand_input_channels",
     "has_batchnorm",
     "list_cifar_models",
