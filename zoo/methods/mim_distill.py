@@ -24,7 +24,13 @@ from zoo.losses.feature import (
     keep_with_cls,
     redundant_token_keep,
 )
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike, _as_config
+from zoo.methods.base import (
+    DistillationMethod,
+    ModelLike,
+    Outputs,
+    TeacherLike,
+    _as_config,
+)
 from zoo.methods.mim import MAEPass, MAEPretrain
 from zoo.models.mae import MaskedAutoencoder, PatchMask
 from zoo.teacher import Teacher
@@ -204,7 +210,7 @@ class _QKVRecorder:
             attn = blocks[i].attn
             self.handles.append(attn.qkv.register_forward_hook(self._hook(i, attn)))
 
-    def _hook(self, i: int, attn: nn.Module):  # noqa: ANN202 - a hook factory
+    def _hook(self, i: int, attn: nn.Module):
         def hook(_module: nn.Module, _args: Any, out: Tensor) -> None:
             b, t, _ = out.shape
             qkv = out.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
