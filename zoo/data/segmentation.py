@@ -14,6 +14,7 @@ class turns into a three-way training loader when ``semi_supervised`` is true (s
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -242,7 +243,7 @@ class SegmentationDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------- data modules
-class _SegmentationDataModule(ZooDataModule):
+class _SegmentationDataModule(ZooDataModule, abc.ABC):
     """Shared logic: root lookup, list files, transforms and the train/val/test/unlabelled sets.
 
     Subclasses implement ``_locate`` (the data folder, or one error naming where it looked), ``_split`` (the
@@ -301,14 +302,17 @@ class _SegmentationDataModule(ZooDataModule):
         return self._name
 
     # -- subclass hooks
+    @abc.abstractmethod
     def _locate(self) -> Path:
-        raise NotImplementedError
+        """The data set's folder under ``root`` (raises ``self._fail`` when it is not there)."""
 
+    @abc.abstractmethod
     def _split(self, base: Path, split: str) -> list[SegmentationSample]:
-        raise NotImplementedError
+        """The samples of a standard split."""
 
+    @abc.abstractmethod
     def _from_line(self, base: Path, tokens: list[str]) -> SegmentationSample:
-        raise NotImplementedError
+        """The sample named by one line of a labelled/unlabelled list file."""
 
     # -- shared
     def _fail(self, field: str, what: str) -> FileNotFoundError:

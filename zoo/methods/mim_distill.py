@@ -203,7 +203,7 @@ class G2SDSpecific(DistillationMethod):
 class _QKVRecorder:
     """Records the q·kᵀ logits of ViT blocks by hooking each block's ``attn.qkv`` Linear (module paths, no rewrite)."""
 
-    def __init__(self, blocks: nn.ModuleList, indices: Sequence[int], prefix: str = "") -> None:
+    def __init__(self, blocks: nn.ModuleList, indices: Sequence[int]) -> None:
         self.store: dict[int, Tensor] = {}
         self.handles = []
         for i in indices:
