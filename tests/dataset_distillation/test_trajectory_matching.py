@@ -233,3 +233,23 @@ def test_distilled_set_trains_a_zoo_method(buffers, tmp_path, monkeypatch):
                        "--summary.enabled=false"])
     assert cli.trainer.global_step == 2 and "val/acc" in cli.trainer.logged_metrics
     assert isinstance(cli.datamodule, DistilledDataModule) and cli.datamodule.num_classes == 10
+
+
+def test_evaluation_trains_at_the_learned_lr_times_eval_lr_factor(buffers, real, monkeypatch):
+    import zoo.dataset_distillation.methods as methods
+    from zoo.dataset_distillation.evaluate import EvalResult
+
+    seen = {}
+
+    def fake_evaluate(build, images, labels, lr, *args, **kwargs):
+        seen["lr"] = lr
+        return EvalResult([0.5])
+
+    monkeypatch.setattr(methods, "evaluate_synthetic", fake_evaluate)
+    module = make(AST, buffers["experts_smooth"], real, lr_teacher=0.002, eval_lr_factor=10.0, eval_nets=1)
+    module.real_test_batches = lambda: []
+    module.log_grid = lambda: None
+    module.evaluate()
+    assert seen["lr"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="eval_lr_factor must be > 0"):
+        make(MTT, buffers["experts"], real, eval_lr_factor=0.0)
