@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from callbacks.monitor import DistillationMonitor
 from callbacks.summary import FitSummary
 from zoo.data.base import ZooDataModule
 
@@ -53,6 +54,9 @@ class ZooCLI(LightningCLI):
     - A configured ``WandbLogger`` gets the resolved config in its run config and, unless the config names one,
       the group ``<method>-<data>``.
     - ``seed_everything`` defaults to 0; a ``FitSummary`` prints teacher, student and agreement after fit.
+    - Throughput is logged during training (``perf/images_per_sec``, ``perf/step_time``, ``perf/data_time``,
+      ``perf/data_share``): unless the config lists a ``DistillationMonitor`` of its own, one with only its
+      throughput log is added.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
@@ -97,6 +101,9 @@ class ZooCLI(LightningCLI):
                     lg._wandb_init["group"] = self._run_name()
             config["logger"] = loggers
         config["default_root_dir"] = root
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(cb, DistillationMonitor) for cb in configured):
+            callbacks = [*callbacks, DistillationMonitor(teacher_acc=False, agreement=False, kl=False, loss_shares=False)]
         return super()._instantiate_trainer(config, callbacks)
 
 

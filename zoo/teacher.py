@@ -14,7 +14,7 @@ teacher and the student alike.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -209,6 +209,8 @@ class Teacher(nn.Module):
         self._affine: list[int | None] = [None] * len(members)
         self.taps = FeatureTaps(self.members[0], taps) if taps else None
         self.names = list(names) if names is not None else [type(m).__name__ for m in members]
+        self.channels_last = False
+        self._compiled = False
         self.requires_grad_(False)
         super().train(False)
 
@@ -238,6 +240,21 @@ class Teacher(nn.Module):
         """Ignores ``mode``: a teacher is always in eval mode (BatchNorm statistics and dropout frozen)."""
         return super().train(False)
 
+    def set_fast_path(self, channels_last: bool = False, compile: bool | Mapping[str, Any] = False) -> None:
+        """Channels-last weights and inputs (4-D convolution weights only; a no-op for other tensors), and
+        ``torch.compile`` of each member (once; ``compile`` may carry ``torch.compile`` options). Hooks of feature
+        taps stay on the compiled modules (``nn.Module.compile`` keeps the module and its hooks)."""
+        if channels_last != self.channels_last:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            for member in self.members:
+                member.to(memory_format=fmt)
+            self.channels_last = channels_last
+        if compile and not self._compiled:
+            options = dict(compile) if isinstance(compile, Mapping) else {}
+            for member in self.members:
+                member.compile(**options)
+            self._compiled = True
+
     def set_input_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Tells the teacher how the data it receives is normalised, so each member gets what it expects."""
         for i, norm in enumerate(self.expected_norm):
@@ -261,9 +278,11 @@ class Teacher(nn.Module):
             self._affine[i] = i
 
     def _prepare(self, i: int, x: Tensor) -> Tensor:
-        if self._affine[i] is None:
-            return x
-        return x * getattr(self, f"_scale{i}").to(x.dtype) + getattr(self, f"_shift{i}").to(x.dtype)
+        if self._affine[i] is not None:
+            x = x * getattr(self, f"_scale{i}").to(x.dtype) + getattr(self, f"_shift{i}").to(x.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:

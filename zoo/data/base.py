@@ -59,6 +59,15 @@ class ZooDataModule(L.LightningDataModule):
         """Short data set name used in run names (``digits``, ``cifar100`` ...)."""
         return type(self).__name__.replace("DataModule", "").lower()
 
+    def replay_source(self) -> tuple[Dataset, Any, Any]:
+        """For cached soft labels (``zoo.soft_labels``): the training set without its random augmentation, that
+        augmentation as a ``ReplayAugment``, and the transform from an augmented view to the normalised tensor
+        (``None`` when the view already is one). Data modules whose augmentation cannot be replayed refuse."""
+        raise ValueError(
+            f"{type(self).__name__} cannot replay its training augmentation, so cached soft labels are not available "
+            "for it (DigitsDataModule, CIFAR10DataModule, CIFAR100DataModule and ImageFolderDataModule can)"
+        )
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a loader")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from zoo.data.base import ZooDataModule
 
@@ -81,6 +82,15 @@ class _CIFARDataModule(ZooDataModule):
         ops = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train and self.augment else []
         norm = [T.Normalize(self.mean, self.std)] if self.normalize else []
         return T.Compose([*ops, T.ToTensor(), *norm])
+
+    def replay_source(self) -> tuple[Any, Any, None]:
+        """The un-augmented training set (normalised tensors) and RandomCrop(32, 4) + flip as ``PadCropFlip``."""
+        from zoo.soft_labels import PadCropFlip
+
+        self._check()
+        source = self._torchvision_class()(self.root, train=True, transform=self.transforms(train=False))
+        fill = [-m / s for m, s in zip(self.mean, self.std)] if self.normalize else [0.0, 0.0, 0.0]
+        return source, PadCropFlip(4 if self.augment else 0, flip=self.augment, fill=fill), None
 
     def setup(self, stage: str | None = None) -> None:
         self._check()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -168,6 +170,14 @@ class DigitsDataModule(ZooDataModule):
         images = ((images - m) / s).expand(-1, self.channels, -1, -1).contiguous()
         shift = self.shift if (train and self.augment) else 0
         return TensorImageDataset(images, labels, shift=shift, fill=-m / s)
+
+    def replay_source(self) -> tuple[Dataset, Any, None]:
+        from zoo.soft_labels import PadCropFlip
+
+        self._split()
+        m, s = self._stats
+        shift = self.shift if self.augment else 0
+        return self._dataset("train", train=False), PadCropFlip(shift, flip=False, fill=-m / s), None
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset("train", train=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from zoo.data.base import ZooDataModule
 
@@ -81,6 +82,17 @@ class ImageFolderDataModule(ZooDataModule):
         else:
             ops = [T.Resize(self.resize_size), T.CenterCrop(self.image_size)]
         return T.Compose([*ops, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def replay_source(self) -> tuple[Any, Any, Any]:
+        """The training images as PIL, RandomResizedCrop + flip as ``ResizedCropFlip``, ToTensor + normalisation."""
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+
+        from zoo.soft_labels import ResizedCropFlip
+
+        source = ImageFolder(str(self._folder(self.train_dir)))
+        to_tensor = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return source, ResizedCropFlip(self.image_size), to_tensor
 
     def setup(self, stage: str | None = None) -> None:
         from torchvision.datasets import ImageFolder

@@ -60,6 +60,9 @@ class KD(DistillationMethod):
         self.kd_loss = KDLoss(temperature)
         self.ce_weight, self.kd_weight = ce_weight, kd_weight
 
+    def cached_soft_label_temperature(self) -> float | None:
+        return self.kd_loss.temperature
+
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         return {
             "ce": self.ce_weight * F.cross_entropy(student.logits, target),
@@ -93,6 +96,9 @@ class DKD(DistillationMethod):
             raise ValueError(f"DKD.warmup_epochs must be ≥ 1, got {warmup_epochs}")
         self.dkd_loss = DKDLoss(alpha, beta, temperature)
         self.ce_weight, self.warmup_epochs = ce_weight, warmup_epochs
+
+    def cached_soft_label_temperature(self) -> float | None:
+        return self.dkd_loss.temperature
 
     def warmup_factor(self) -> float:
         return min((self.current_epoch + 1) / self.warmup_epochs, 1.0)

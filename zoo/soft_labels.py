@@ -1,0 +1,439 @@
+"""Cached soft labels (FKD-style): the teacher labels pre-sampled augmentations once; training replays them.
+
+Online KD runs the teacher on every training batch. With a cache, the teacher runs once, before training, on
+``repeats`` (R) augmentations per training image whose parameters are drawn in advance (crop offsets and flip for
+the pad-and-crop recipe of CIFAR/digits; crop box and flip for ImageNet's random-resized crop). Its top-k
+probabilities at the method's temperature are stored with those parameters, and training draws one of the R
+stored augmentations per image and access, rebuilds exactly that view of the image and reads the teacher's
+answer instead of computing it (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition",
+arXiv 2112.01528). A cache built for another teacher, data set, augmentation, temperature or top-k is refused.
+
+Stored distribution: the top-k probabilities p_i of softmax(z_t / T); the remaining mass 1 − Σ p_i is spread
+evenly over the other C − k classes (FKD's "marginal smoothing"). With k = C (the default) it is exact up to
+float16 storage. The method receives pseudo-logits T·log p, which give back p under softmax(·/T), so any loss that
+reads the teacher only through softmax(z_t / T) at that T (KD, DKD) computes the same value as online.
+
+Layout of a cache folder::
+
+    cache.json                   format, fingerprints, R, k, T, C, shard size, parameter layout; "complete"
+    shard_00000.index.npy        (n, R, k) class indices (int16, or int32 for C > 32767)
+    shard_00000.prob.npy         (n, R, k) probabilities (float16)
+    shard_00000.params.npy       (n, R, P) augmentation parameters (float32)
+    ...
+
+Every file is written to a temporary name and renamed, so an interrupted build leaves whole shards only; the
+next build with the same fingerprints keeps them and computes the rest. Shards are read memory-mapped.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CachedSoftLabelDataset",
+    "PadCropFlip",
+    "ReplayAugment",
+    "ResizedCropFlip",
+    "SoftLabelCache",
+    "SoftLabels",
+    "build_soft_label_cache",
+    "dataset_fingerprint",
+    "soft_labels_to_logits",
+    "teacher_fingerprint",
+]
+
+CACHE_FORMAT = "distill-zoo/soft-labels/1"
+MANIFEST = "cache.json"
+
+
+# ----------------------------------------------------------------------------------------------- augmentations
+class ReplayAugment(abc.ABC):
+    """A random augmentation whose draw is a small parameter vector, so it can be stored and replayed.
+
+    ``sample(n, generator)`` draws ``n`` parameter rows; ``apply(image, params)`` makes that view of one image
+    (a (C, H, W) tensor for the tensor pipelines, a PIL image for ImageFolder). ``spec()`` identifies the
+    augmentation in the cache fingerprint.
+    """
+
+    num_params: int
+
+    @abc.abstractmethod
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` parameter rows, shape (n, num_params)."""
+
+    @abc.abstractmethod
+    def apply(self, image: Any, params: Tensor) -> Any:
+        """The view of ``image`` that one parameter row describes."""
+
+    @abc.abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """What identifies the augmentation in a cache's fingerprint."""
+
+
+class PadCropFlip(ReplayAugment):
+    """Zero-pad by ``pad`` pixels, crop back to the original size at offset (dy, dx), optionally flip horizontally.
+
+    This is CIFAR's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` and the digits translation, applied
+    to an already normalised (C, H, W) tensor: padding there with ``fill`` = −mean/std per channel equals padding
+    the raw image with black. Parameters: (dy, dx, flip) with dy, dx ∈ [0, 2·pad] and flip ∈ {0, 1}.
+    """
+
+    num_params = 3
+
+    def __init__(self, pad: int, flip: bool, fill: Sequence[float] | float = 0.0) -> None:
+        if pad < 0:
+            raise ValueError(f"PadCropFlip.pad must be ≥ 0, got {pad}")
+        self.pad, self.flip = int(pad), bool(flip)
+        self.fill = [float(v) for v in fill] if isinstance(fill, Sequence) else [float(fill)]
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)
+        flips = torch.randint(0, 2, (n, 1), generator=generator) if self.flip else torch.zeros(n, 1, dtype=torch.long)
+        return torch.cat([offsets, flips], 1).float()
+
+    def apply(self, image: Tensor, params: Tensor) -> Tensor:
+        dy, dx, flip = (int(v) for v in params.tolist())
+        if self.pad:
+            c, h, w = image.shape
+            fill = torch.tensor(self.fill if len(self.fill) == c else self.fill * c, dtype=image.dtype)
+            padded = fill.view(c, 1, 1).expand(c, h + 2 * self.pad, w + 2 * self.pad).clone()
+            padded[:, self.pad : self.pad + h, self.pad : self.pad + w] = image
+            image = padded[:, dy : dy + h, dx : dx + w]
+        return image.flip(-1) if flip else image
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "pad_crop_flip", "pad": self.pad, "flip": self.flip, "fill": [round(v, 6) for v in self.fill]}
+
+
+class ResizedCropFlip(ReplayAugment):
+    """ImageNet's ``RandomResizedCrop(size, scale, ratio)`` + horizontal flip, replayable (FKD's stored crops).
+
+    Parameters: the crop box relative to the image, (top, left, height, width) in [0, 1], and flip. The box is
+    drawn with torchvision's rule (10 tries of area ∈ scale·A and log-uniform aspect ratio, then a centre crop)
+    from a unit square, so one draw replays on images of any size; ``apply`` takes a PIL image or a tensor and
+    returns a ``size``×``size`` crop (then the data module's ToTensor/normalisation follow).
+    """
+
+    num_params = 5
+
+    def __init__(
+        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ) -> None:
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+
+    def _box(self, g: torch.Generator) -> tuple[float, float, float, float]:
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            area = float(torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g))
+            aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)))
+            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if 0 < w <= 1 and 0 < h <= 1:
+                top = float(torch.rand(1, generator=g)) * (1 - h)
+                left = float(torch.rand(1, generator=g)) * (1 - w)
+                return top, left, h, w
+        aspect = min(max(1.0, self.ratio[0]), self.ratio[1])  # fallback: the largest centre crop in range
+        w, h = (1.0, 1.0 / aspect) if aspect >= 1 else (aspect, 1.0)
+        return (1 - h) / 2, (1 - w) / 2, h, w
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        rows = [[*self._box(generator), float(torch.randint(0, 2, (1,), generator=generator))] for _ in range(n)]
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def apply(self, image: Any, params: Tensor) -> Any:
+        import torchvision.transforms.v2.functional as TF
+
+        top, left, h, w, flip = params.tolist()
+        width, height = TF.get_size(image)[::-1]
+        box = (round(top * height), round(left * width), max(1, round(h * height)), max(1, round(w * width)))
+        out = TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
+        return TF.horizontal_flip(out) if flip >= 0.5 else out
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": "resized_crop_flip", "size": self.size, "scale": list(self.scale), "ratio": list(self.ratio)}
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+def _hash_tensor(h: Any, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer of the teacher (names, dtypes, shapes, bytes) and its input map."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        h.update(name.encode())
+        _hash_tensor(h, tensor)
+    h.update(repr(getattr(teacher, "expected_norm", None)).encode())
+    h.update(repr(getattr(teacher, "ensemble", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def dataset_fingerprint(dataset: Dataset, max_images: int = 256) -> str:
+    """sha256 over the length, every label and an evenly strided sample of ≤ ``max_images`` un-augmented images."""
+    n = len(dataset)
+    h = hashlib.sha256(str(n).encode())
+    labels = getattr(dataset, "labels", None) if not hasattr(dataset, "targets") else dataset.targets
+    if labels is None:
+        labels = [dataset[i][1] for i in range(n)]
+    _hash_tensor(h, torch.as_tensor(np.asarray(labels)).long())
+    for i in range(0, n, max(1, n // max_images)):
+        image = dataset[i][0]
+        if not isinstance(image, Tensor):
+            image = torch.from_numpy(np.asarray(image).copy())
+        _hash_tensor(h, image)
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+@dataclass
+class SoftLabels:
+    """Options of the cached soft-label mode (``soft_labels:`` of a method that supports it).
+
+    Args:
+        path: cache folder (built at fit start when absent or incomplete; refused when built for another teacher,
+            data set, augmentation, temperature or top-k).
+        repeats: R, augmentations labelled per training image (FKD labels hundreds of crops for ImageNet; a
+            few tens suffice for CIFAR-sized data).
+        top_k: probabilities stored per view (``None``: all classes, exact).
+        shard_size: images per shard file.
+        seed: seeds the augmentation draws (independent of the training seed).
+        batch_size: teacher batch size while building.
+    """
+
+    path: str
+    repeats: int = 16
+    top_k: int | None = None
+    shard_size: int = 10000
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"soft_labels.repeats must be ≥ 1, got {self.repeats}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"soft_labels.top_k must be ≥ 1 or null, got {self.top_k}")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("soft_labels.shard_size and soft_labels.batch_size must be ≥ 1")
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _shard_files(root: Path, shard: int) -> dict[str, Path]:
+    return {k: root / f"shard_{shard:05d}.{k}.npy" for k in ("index", "prob", "params")}
+
+
+def _check_manifest(path: Path, manifest: dict, expected: dict) -> None:
+    if manifest.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: not a soft-label cache (format {manifest.get('format')!r}, expected {CACHE_FORMAT!r})")
+    for key, want in expected.items():
+        have = manifest.get(key)
+        if have != want:
+            raise ValueError(
+                f"soft-label cache {path}: built for {key}={have!r}, this run has {key}={want!r}; delete the folder "
+                "to rebuild it or point soft_labels.path elsewhere"
+            )
+
+
+def build_soft_label_cache(
+    path: str | os.PathLike,
+    teacher: Callable[[Tensor], Tensor],
+    dataset: Dataset,
+    augment: ReplayAugment,
+    fingerprint: dict[str, Any],
+    *,
+    num_classes: int,
+    temperature: float,
+    options: SoftLabels,
+    to_tensor: Callable[[Any], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    shards: Sequence[int] | None = None,
+) -> Path:
+    """Labels ``options.repeats`` replayable views of every image of ``dataset`` with ``teacher``; see the module.
+
+    ``dataset[i]`` gives the un-augmented ``(image, label)``; ``augment.apply`` makes a view and ``to_tensor``
+    (if given) turns it into the normalised tensor the teacher takes. ``fingerprint`` (teacher, data,
+    augmentation, normalisation) goes into ``cache.json``; finished shards of an interrupted build with the same
+    fingerprint are kept. ``shards`` limits the work to some shard numbers (one process per rank builds its share;
+    the manifest is marked complete by whoever finds every shard present). Returns the folder.
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    k = min(options.top_k or num_classes, num_classes)
+    header = {
+        "format": CACHE_FORMAT,
+        **fingerprint,
+        "num_images": n,
+        "num_classes": num_classes,
+        "temperature": float(temperature),
+        "top_k": k,
+        "repeats": options.repeats,
+        "seed": options.seed,
+        "shard_size": options.shard_size,
+        "num_params": augment.num_params,
+    }
+    manifest_path = root / MANIFEST
+    if manifest_path.is_file():
+        _check_manifest(manifest_path, json.loads(manifest_path.read_text()), {k2: v for k2, v in header.items()})
+    else:
+        _atomic_json(manifest_path, {**header, "complete": False})
+    num_shards = math.ceil(n / options.shard_size)
+    index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    todo = range(num_shards) if shards is None else shards
+    for shard in todo:
+        files = _shard_files(root, shard)
+        if all(f.is_file() for f in files.values()):
+            continue
+        start, stop = shard * options.shard_size, min(n, (shard + 1) * options.shard_size)
+        g = torch.Generator().manual_seed(options.seed * 1_000_003 + shard)
+        params = augment.sample((stop - start) * options.repeats, g).view(stop - start, options.repeats, -1)
+        views = [(i, r) for i in range(start, stop) for r in range(options.repeats)]
+        index = np.empty((stop - start, options.repeats, k), dtype=index_dtype)
+        prob = np.empty((stop - start, options.repeats, k), dtype=np.float16)
+        for b in range(0, len(views), options.batch_size):
+            chunk = views[b : b + options.batch_size]
+            images = []
+            for i, r in chunk:
+                view = augment.apply(dataset[i][0], params[i - start, r])
+                images.append(to_tensor(view) if to_tensor is not None else view)
+            with torch.no_grad():
+                logits = teacher(torch.stack(images).to(device)).float()
+            top = (logits / temperature).softmax(-1).topk(k, dim=-1)
+            rows = torch.tensor([i - start for i, _ in chunk])
+            cols = torch.tensor([r for _, r in chunk])
+            index[rows, cols] = top.indices.cpu().numpy().astype(index_dtype)
+            prob[rows, cols] = top.values.cpu().numpy().astype(np.float16)
+        _atomic_save(files["params"], params.numpy())
+        _atomic_save(files["prob"], prob)
+        _atomic_save(files["index"], index)  # written last: its presence marks the shard done
+    if all(all(f.is_file() for f in _shard_files(root, s).values()) for s in range(num_shards)):
+        _atomic_json(manifest_path, {**header, "complete": True})
+    return root
+
+
+class SoftLabelCache:
+    """A finished cache, opened memory-mapped; ``expected`` fields are checked against its ``cache.json``."""
+
+    def __init__(self, path: str | os.PathLike, expected: dict[str, Any] | None = None) -> None:
+        self.root = Path(path)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"soft-label cache {self.root}: no {MANIFEST} (build it first)")
+        self.manifest = json.loads(manifest_path.read_text())
+        _check_manifest(manifest_path, self.manifest, expected or {})
+        if not self.manifest.get("complete"):
+            raise ValueError(f"soft-label cache {self.root}: incomplete (an interrupted build); build it again to finish")
+        self.shard_size = int(self.manifest["shard_size"])
+        self.num_shards = math.ceil(self.manifest["num_images"] / self.shard_size)
+        for s in range(self.num_shards):
+            for f in _shard_files(self.root, s).values():
+                if not f.is_file():
+                    raise FileNotFoundError(f"soft-label cache {self.root}: shard file {f.name} is missing")
+        self._maps: dict[int, dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_images"])
+
+    @property
+    def repeats(self) -> int:
+        return int(self.manifest["repeats"])
+
+    def __getstate__(self) -> dict:  # memory maps are reopened in each DataLoader worker, not pickled
+        return {**self.__dict__, "_maps": None}
+
+    def _shard(self, s: int) -> dict[str, np.ndarray]:
+        if self._maps is None:
+            self._maps = {}
+        if s not in self._maps:
+            self._maps[s] = {k: np.load(f, mmap_mode="r") for k, f in _shard_files(self.root, s).items()}
+        return self._maps[s]
+
+    def view(self, i: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(class indices, probabilities, augmentation parameters) of view ``r`` of image ``i``."""
+        shard = self._shard(i // self.shard_size)
+        j = i % self.shard_size
+        return (
+            torch.from_numpy(np.array(shard["index"][j, r], dtype=np.int64)),
+            torch.from_numpy(np.array(shard["prob"][j, r], dtype=np.float32)),
+            torch.from_numpy(np.array(shard["params"][j, r], dtype=np.float32)),
+        )
+
+
+class CachedSoftLabelDataset(Dataset):
+    """Training set that replays cached views: ``{"image", "label", "soft_index", "soft_prob"}`` per item.
+
+    Each access draws one of the R stored views of the image with torch's RNG (seeded per DataLoader worker by
+    Lightning's ``seed_everything(workers=True)`` / torch's worker seeding), rebuilds it with the stored
+    parameters and returns the teacher's stored probabilities for it.
+    """
+
+    def __init__(
+        self, source: Dataset, cache: SoftLabelCache, augment: ReplayAugment, to_tensor: Callable[[Any], Tensor] | None = None
+    ) -> None:
+        if len(source) != len(cache):
+            raise ValueError(f"soft-label cache {cache.root}: {len(cache)} images, the training set has {len(source)}")
+        self.source, self.cache, self.augment, self.to_tensor = source, cache, augment, to_tensor
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image, label = self.source[i]
+        r = int(torch.randint(self.cache.repeats, ()))
+        index, prob, params = self.cache.view(i, r)
+        view = self.augment.apply(image, params)
+        if self.to_tensor is not None:
+            view = self.to_tensor(view)
+        return {"image": view, "label": label, "soft_index": index, "soft_prob": prob}
+
+
+def soft_labels_to_logits(index: Tensor, prob: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """Pseudo-logits T·log p̂ of the stored top-k (index, prob), the rest of the mass spread evenly (module doc).
+
+    softmax(result / T) = p̂, so a loss that reads teacher logits only through softmax(z_t / T) at this T gets p̂.
+    """
+    prob = prob.float()
+    k = index.shape[-1]
+    if k < num_classes:
+        rest = (1.0 - prob.sum(-1, keepdim=True)).clamp_min(0.0) / (num_classes - k)
+        full = rest.expand(*prob.shape[:-1], num_classes).clone()
+    else:
+        full = prob.new_zeros(*prob.shape[:-1], num_classes)
+    full.scatter_(-1, index.long(), prob)
+    full = full / full.sum(-1, keepdim=True)
+    return temperature * full.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def options_dict(options: SoftLabels) -> dict[str, Any]:
+    """The options as plain data (for hyperparameters and logs)."""
+    return asdict(options)
+
