@@ -134,7 +134,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10], choices=[1, 10])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="methods to (re)run; rows of others already in the results file are kept")
+    parser.add_argument("--random-draws", type=int, default=20, help="random-real draws (5 networks each)")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -142,12 +144,15 @@ def main() -> None:
         return
     import torch
 
-    results: dict = {"experts_seconds": train_experts(), "idle_rss_mb": idle_rss(), "rows": {}}
+    previous = RESULTS / "dataset_distillation_digits.json"
+    rows = json.loads(previous.read_text()).get("rows", {}) if previous.is_file() else {}
+    results: dict = {"experts_seconds": train_experts(), "idle_rss_mb": idle_rss(), "rows": rows}
     for ipc in args.ipc:
         suffix = "" if ipc == 1 else "_ipc10"
         start = time.perf_counter()
-        base = random_real(ipc, draws=5)
-        results["rows"][f"random_ipc{ipc}"] = {"accuracies": base, "seconds": time.perf_counter() - start}
+        base = random_real(ipc, draws=args.random_draws)
+        results["rows"][f"random_ipc{ipc}"] = {"accuracies": base, "seconds": time.perf_counter() - start,
+                                               "draws": args.random_draws}
         print("random", ipc, mean_std(base), flush=True)
         for method in args.methods:
             runs = [run_worker(f"{method}{suffix}", seed) for seed in range(args.seeds)]
@@ -156,6 +161,8 @@ def main() -> None:
             print(method, ipc, mean_std(accs), [round(r["seconds"]) for r in runs], flush=True)
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     results["command"] = "python benchmarks/dataset_distillation_digits.py " + " ".join(sys.argv[1:])
+    earlier = json.loads(previous.read_text()).get("commands", []) if previous.is_file() else []
+    results["commands"] = [*earlier, results["command"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dataset_distillation_digits.json").write_text(json.dumps(results, indent=2))
     table = render(results, args)
@@ -166,22 +173,29 @@ def main() -> None:
 def render(results: dict, args: argparse.Namespace) -> str:
     lines = [
         (
-            f"Digits (8×8, 1 channel), ConvNet-2 width 32; test accuracy % at the final iteration (500), mean ± std "
-            f"over {args.seeds} distillation seed(s) × 5 evaluation networks (random real: 5 draws × 5 networks)."
+            "Digits (8×8, 1 channel), ConvNet-2 width 32; test accuracy % at the final iteration (500), mean ± std "
+            "over the distillation seeds × 5 evaluation networks (random real: draws × 5 networks)."
         ),
         (
-            f"Command: `{results['command']}`; machine: {results['machine']}; an idle process (torch + zoo "
-            f"imported) peaks at {results['idle_rss_mb']:.0f} MB RSS."
+            "Commands (rows of a later command replace the same rows of an earlier one): "
+            + "; ".join(f"`{c}`" for c in results["commands"])
+            + f". Machine: {results['machine']}; an idle process (torch + zoo imported) peaks at "
+            f"{results['idle_rss_mb']:.0f} MB RSS."
         ),
         "",
         "| IPC | method | test accuracy | gap vs random real | distillation s / run | peak RSS MB | learned lr |",
         "|---|---|---|---|---|---|---|",
     ]
     rows = results["rows"]
-    for ipc in args.ipc:
+    for ipc in (1, 10):
+        if f"random_ipc{ipc}" not in rows:
+            continue
         base = rows[f"random_ipc{ipc}"]["accuracies"]
-        lines.append(f"| {ipc} | random real (lr 0.02) | {mean_std(base)} | — | — | — | 0.02 |")
-        for method in args.methods:
+        draws = rows[f"random_ipc{ipc}"].get("draws", len(base) // 5)
+        lines.append(f"| {ipc} | random real (lr 0.02, {draws} draws) | {mean_std(base)} | — | — | — | 0.02 |")
+        for method in METHODS:
+            if f"{method}_ipc{ipc}" not in rows:
+                continue
             runs = rows[f"{method}_ipc{ipc}"]["runs"]
             accs = [a for r in runs for a in r["accuracies"]]
             gap = 100 * (statistics.mean(accs) - statistics.mean(base))

@@ -16,7 +16,8 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
     run = tmp_path / "kd-digits" / "version_0"
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
     header = (run / "metrics.csv").read_text().splitlines()[0]
-    for column in ("train/loss_ce", "train/loss_kd", "val/acc", "val/agreement", "val/teacher_acc"):
+    for column in ("train/loss_ce", "train/loss_kd", "val/acc", "val/agreement", "val/teacher_acc",
+                   "perf/images_per_sec", "perf/step_time", "perf/data_time"):  # throughput is logged by default
         assert column in header
     # the saved config is the resolved one: interpolation applied after the command-line override
     assert "T_max: 2" in (run / "config.yaml").read_text()

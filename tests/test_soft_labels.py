@@ -270,3 +270,19 @@ def test_kd_from_pseudo_logits_backpropagates_only_to_the_student() -> None:
     loss.backward()
     assert s.grad is not None and torch.isfinite(s.grad).all()
     assert F.softmax(soft_labels_to_logits(top.indices, top.values, 10, 4.0) / 4.0, -1).sum(-1).allclose(torch.ones(4))
+
+
+def test_a_cached_kd_config_runs_through_the_zoo_command(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from zoo.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cache = tmp_path / "cache"
+    main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false",
+          f"--model.init_args.soft_labels.path={cache}", "--model.init_args.soft_labels.repeats=2"])
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert manifest["complete"] and manifest["temperature"] == 4.0 and manifest["repeats"] == 2
+    assert manifest["augmentation"] == {"name": "pad_crop_flip", "pad": 4, "flip": False,
+                                        "fill": manifest["augmentation"]["fill"]}
