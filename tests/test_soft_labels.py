@@ -286,3 +286,32 @@ def test_a_cached_kd_config_runs_through_the_zoo_command(tmp_path, monkeypatch) 
     assert manifest["complete"] and manifest["temperature"] == 4.0 and manifest["repeats"] == 2
     assert manifest["augmentation"] == {"name": "pad_crop_flip", "pad": 4, "flip": False,
                                         "fill": manifest["augmentation"]["fill"]}
+
+
+def test_an_image_folder_cache_replays_random_resized_crops(tmp_path) -> None:
+    from PIL import Image
+
+    from zoo.data import ImageFolderDataModule
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 255, (30 + 5 * i, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / "train" / c / f"{i}.png")
+    dm = ImageFolderDataModule(root=str(tmp_path / "data"), image_size=16, num_workers=0)
+    source, augment, to_tensor = dm.replay_source()
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    options = SoftLabels(path=str(tmp_path / "cache"), repeats=3, shard_size=4)
+    fp = {"teacher": teacher_fingerprint(teacher), "data": "fake", "augmentation": augment.spec()}
+    build_soft_label_cache(tmp_path / "cache", teacher, source, augment, fp, num_classes=2, temperature=1.0,
+                           options=options, to_tensor=to_tensor, num_workers=1)
+    cache = SoftLabelCache(tmp_path / "cache", {"augmentation": augment.spec(), "top_k": 2})
+    assert cache.num_shards == 2 and len(cache) == 6
+    index, prob, params = cache.view(5, 2)
+    with torch.no_grad():
+        p = teacher(to_tensor(augment.apply(source[5][0], params))[None]).softmax(-1)[0]
+    torch.testing.assert_close(prob, p[index], rtol=0, atol=2e-3)
+    item = CachedSoftLabelDataset(source, cache, augment, to_tensor)[0]
+    assert item["image"].shape == (3, 16, 16)

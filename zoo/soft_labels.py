@@ -276,6 +276,7 @@ def build_soft_label_cache(
     to_tensor: Callable[[Any], Tensor] | None = None,
     device: torch.device | str = "cpu",
     shards: Sequence[int] | None = None,
+    num_workers: int = 0,
 ) -> Path:
     """Labels ``options.repeats`` replayable views of every image of ``dataset`` with ``teacher``; see the module.
 
@@ -283,7 +284,8 @@ def build_soft_label_cache(
     (if given) turns it into the normalised tensor the teacher takes. ``fingerprint`` (teacher, data,
     augmentation, normalisation) goes into ``cache.json``; finished shards of an interrupted build with the same
     fingerprint are kept. ``shards`` limits the work to some shard numbers (one process per rank builds its share;
-    the manifest is marked complete by whoever finds every shard present). Returns the folder.
+    the manifest is marked complete by whoever finds every shard present). Each image is loaded once and its R
+    views are made together; ``num_workers`` DataLoader workers do that in parallel. Returns the folder.
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -316,28 +318,42 @@ def build_soft_label_cache(
         start, stop = shard * options.shard_size, min(n, (shard + 1) * options.shard_size)
         g = torch.Generator().manual_seed(options.seed * 1_000_003 + shard)
         params = augment.sample((stop - start) * options.repeats, g).view(stop - start, options.repeats, -1)
-        views = [(i, r) for i in range(start, stop) for r in range(options.repeats)]
+        views = _Views(dataset, augment, params, start, to_tensor)
+        loader = torch.utils.data.DataLoader(
+            views, batch_size=max(1, options.batch_size // options.repeats), num_workers=num_workers
+        )
         index = np.empty((stop - start, options.repeats, k), dtype=index_dtype)
         prob = np.empty((stop - start, options.repeats, k), dtype=np.float16)
-        for b in range(0, len(views), options.batch_size):
-            chunk = views[b : b + options.batch_size]
-            images = []
-            for i, r in chunk:
-                view = augment.apply(dataset[i][0], params[i - start, r])
-                images.append(to_tensor(view) if to_tensor is not None else view)
+        done = 0
+        for images in loader:  # (images, R, C, H, W): every view of an image from one decode
+            b = images.shape[0]
             with torch.no_grad():
-                logits = teacher(torch.stack(images).to(device)).float()
+                logits = teacher(images.flatten(0, 1).to(device)).float()
             top = (logits / temperature).softmax(-1).topk(k, dim=-1)
-            rows = torch.tensor([i - start for i, _ in chunk])
-            cols = torch.tensor([r for _, r in chunk])
-            index[rows, cols] = top.indices.cpu().numpy().astype(index_dtype)
-            prob[rows, cols] = top.values.cpu().numpy().astype(np.float16)
+            index[done : done + b] = top.indices.view(b, options.repeats, k).cpu().numpy().astype(index_dtype)
+            prob[done : done + b] = top.values.view(b, options.repeats, k).cpu().numpy().astype(np.float16)
+            done += b
         _atomic_save(files["params"], params.numpy())
         _atomic_save(files["prob"], prob)
         _atomic_save(files["index"], index)  # written last: its presence marks the shard done
     if all(all(f.is_file() for f in _shard_files(root, s).values()) for s in range(num_shards)):
         _atomic_json(manifest_path, {**header, "complete": True})
     return root
+
+
+class _Views(Dataset):
+    """The R stored views of each image of one shard, made from one load of the image."""
+
+    def __init__(self, dataset: Dataset, augment: ReplayAugment, params: Tensor, start: int, to_tensor: Any) -> None:
+        self.dataset, self.augment, self.params, self.start, self.to_tensor = dataset, augment, params, start, to_tensor
+
+    def __len__(self) -> int:
+        return self.params.shape[0]
+
+    def __getitem__(self, i: int) -> Tensor:
+        image = self.dataset[self.start + i][0]
+        views = [self.augment.apply(image, p) for p in self.params[i]]
+        return torch.stack([self.to_tensor(v) if self.to_tensor is not None else v for v in views])
 
 
 class SoftLabelCache:

@@ -284,7 +284,7 @@ class DistillationMethod(L.LightningModule, abc.ABC):
             strategy = self.trainer.strategy
             rank, world = self.trainer.global_rank, self.trainer.world_size
             kwargs = {"num_classes": self.num_classes, "temperature": temperature, "options": opts,
-                      "to_tensor": to_tensor, "device": self.device}
+                      "to_tensor": to_tensor, "device": self.device, "num_workers": datamodule.num_workers}
             num_shards = -(-len(source) // opts.shard_size)
             if rank == 0:  # writes (or checks) the header first
                 build_soft_label_cache(opts.path, self.teacher, source, augment, fingerprint, shards=[], **kwargs)
