@@ -315,3 +315,22 @@ def test_an_image_folder_cache_replays_random_resized_crops(tmp_path) -> None:
     torch.testing.assert_close(prob, p[index], rtol=0, atol=2e-3)
     item = CachedSoftLabelDataset(source, cache, augment, to_tensor)[0]
     assert item["image"].shape == (3, 16, 16)
+
+
+def test_ranks_build_their_own_shards_and_rank_zero_completes_the_cache(tmp_path) -> None:
+    _, source, augment, _ = digits_source()
+    teacher = tiny_net().eval()
+    options = SoftLabels(path=str(tmp_path), repeats=1, shard_size=400)
+    fp = {"teacher": teacher_fingerprint(teacher), "data": "digits", "augmentation": augment.spec()}
+    kwargs = {"num_classes": 10, "temperature": 4.0, "options": options}
+    build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=[], **kwargs)  # rank 0: header
+    build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=range(0, 3, 2), **kwargs)  # rank 0 of 2
+    assert not json.loads((tmp_path / "cache.json").read_text())["complete"]
+    build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=range(1, 3, 2), **kwargs)  # rank 1 of 2
+    build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=[], **kwargs)  # rank 0: completes
+    assert SoftLabelCache(tmp_path).manifest["complete"]
+    single = tmp_path / "single"
+    build_soft_label_cache(single, teacher, source, augment, fp, **{**kwargs, "options": SoftLabels(
+        path=str(single), repeats=1, shard_size=400)})
+    for s in range(3):
+        assert np.array_equal(np.load(tmp_path / f"shard_{s:05d}.prob.npy"), np.load(single / f"shard_{s:05d}.prob.npy"))
