@@ -149,12 +149,17 @@ def test_a_cache_built_for_something_else_is_refused_naming_the_field(tmp_path, 
         SoftLabelCache(tmp_path, change(expected))
 
 
-def test_an_interrupted_build_is_refused_then_finished_keeping_its_shards(tmp_path) -> None:
+def digits_cache_args(tmp_path, repeats: int):
+    """Source, augmentation, teacher, fingerprint and build options of a 3-shard digits cache."""
     _, source, augment, _ = digits_source()
     teacher = tiny_net().eval()
-    options = SoftLabels(path=str(tmp_path), repeats=2, shard_size=400)
     fp = {"teacher": teacher_fingerprint(teacher), "data": "digits", "augmentation": augment.spec()}
-    kwargs = {"num_classes": 10, "temperature": 4.0, "options": options}
+    options = SoftLabels(path=str(tmp_path), repeats=repeats, shard_size=400)
+    return source, augment, teacher, fp, {"num_classes": 10, "temperature": 4.0, "options": options}
+
+
+def test_an_interrupted_build_is_refused_then_finished_keeping_its_shards(tmp_path) -> None:
+    source, augment, teacher, fp, kwargs = digits_cache_args(tmp_path, repeats=2)
     build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=[0], **kwargs)
     assert not json.loads((tmp_path / "cache.json").read_text())["complete"]
     assert not list(tmp_path.glob("*.tmp"))
@@ -318,11 +323,7 @@ def test_an_image_folder_cache_replays_random_resized_crops(tmp_path) -> None:
 
 
 def test_ranks_build_their_own_shards_and_rank_zero_completes_the_cache(tmp_path) -> None:
-    _, source, augment, _ = digits_source()
-    teacher = tiny_net().eval()
-    options = SoftLabels(path=str(tmp_path), repeats=1, shard_size=400)
-    fp = {"teacher": teacher_fingerprint(teacher), "data": "digits", "augmentation": augment.spec()}
-    kwargs = {"num_classes": 10, "temperature": 4.0, "options": options}
+    source, augment, teacher, fp, kwargs = digits_cache_args(tmp_path, repeats=1)
     build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=[], **kwargs)  # rank 0: header
     build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=range(0, 3, 2), **kwargs)  # rank 0 of 2
     assert not json.loads((tmp_path / "cache.json").read_text())["complete"]
@@ -330,7 +331,6 @@ def test_ranks_build_their_own_shards_and_rank_zero_completes_the_cache(tmp_path
     build_soft_label_cache(tmp_path, teacher, source, augment, fp, shards=[], **kwargs)  # rank 0: completes
     assert SoftLabelCache(tmp_path).manifest["complete"]
     single = tmp_path / "single"
-    build_soft_label_cache(single, teacher, source, augment, fp, **{**kwargs, "options": SoftLabels(
-        path=str(single), repeats=1, shard_size=400)})
+    build_soft_label_cache(single, teacher, source, augment, fp, **kwargs)
     for s in range(3):
         assert np.array_equal(np.load(tmp_path / f"shard_{s:05d}.prob.npy"), np.load(single / f"shard_{s:05d}.prob.npy"))
