@@ -139,3 +139,13 @@ def test_optimizer_and_scheduler_factories():
     assert isinstance(out["optimizer"], torch.optim.AdamW)
     assert out["lr_scheduler"]["scheduler"].milestones == {2: 1, 4: 1}
     assert out["lr_scheduler"]["interval"] == "epoch"
+
+
+def test_a_method_that_defines_no_loss_is_refused_at_construction():
+    from zoo.methods import DistillationMethod
+
+    class NoLoss(DistillationMethod):
+        requires_teacher = False
+
+    with pytest.raises(TypeError, match="NoLoss defines no loss: override loss_terms"):
+        NoLoss(CIFARModel(name="resnet8"), num_classes=10, in_chans=1)

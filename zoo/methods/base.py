@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import abc
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,10 +58,11 @@ def _num_classes_of(model: nn.Module) -> int | None:
     return None
 
 
-class DistillationMethod(L.LightningModule, abc.ABC):
+class DistillationMethod(L.LightningModule):
     """Base LightningModule: a student, an optional frozen teacher, and loss terms that subclasses define.
 
-    Subclasses implement :meth:`loss_terms` (a dict of already-weighted loss tensors); the base sums them, logs
+    Subclasses implement :meth:`loss_terms` (a dict of already-weighted loss tensors), or their own
+    ``training_step`` when one forward of student and teacher cannot give the terms; the base sums them, logs
     each as ``train/loss_<name>`` and the total as ``train/loss``, and reports top-1/top-5 (``val/acc``,
     ``val/acc5``), the teacher's top-1 (``val/teacher_acc``) and student–teacher top-1 agreement
     (``val/agreement``). Subclasses that need intermediate features set ``student_taps`` / ``teacher_taps``.
@@ -124,6 +124,9 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         soft_labels: SoftLabels | None = None,
     ) -> None:
         super().__init__()
+        cls = type(self)
+        if cls.loss_terms is DistillationMethod.loss_terms and cls.training_step is DistillationMethod.training_step:
+            raise TypeError(f"{cls.__name__} defines no loss: override loss_terms (or training_step)")
         ignore = [name for name, value in (("student", student), ("teacher", teacher)) if isinstance(value, nn.Module)]
         self.save_hyperparameters(ignore=ignore + ["optimizer", "lr_scheduler"])
         # Sources are kept as config data, so checkpoints load with torch.load(weights_only=True).
@@ -322,9 +325,14 @@ class DistillationMethod(L.LightningModule, abc.ABC):
         logits, feats = self.teacher.forward_features(x)
         return Outputs(logits, feats)
 
-    @abc.abstractmethod
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        """The weighted loss terms of one batch, by name (``ce``, ``kd`` ...); their sum is minimised."""
+        """The weighted loss terms of one batch, by name (``ce``, ``kd`` ...); their sum is minimised.
+
+        The base training step computes them from one student and one teacher forward. Methods whose terms need
+        more than that (the MAE family's shared mask, MGD's unlabelled batches) compute them in their own
+        ``training_step`` and leave this empty; a method must override one of the two (checked at construction).
+        """
+        return {}
 
     # ----------------------------------------------------------------------------------------------- steps
     @staticmethod

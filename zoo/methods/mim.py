@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
+from zoo.methods.base import DistillationMethod, ModelLike, TeacherLike
 from zoo.methods.classification import Supervised
 from zoo.models.mae import MaskedAutoencoder, PatchMask
 
@@ -128,9 +128,6 @@ class MAEPretrain(DistillationMethod):
         if self.rec_weight:
             terms["rec"] = self.rec_weight * self.student.reconstruction_loss(x, student.pred, mask.mask)
         return terms
-
-    def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} computes its terms in pretrain_terms()")
 
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, x: Tensor) -> Tensor:

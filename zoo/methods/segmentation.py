@@ -534,9 +534,6 @@ class MGD(SegmentationMethod):
             for m in norms:
                 m.training = False
 
-    def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError("MGD computes its terms in training_step (it needs unlabelled batches)")
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if not (isinstance(batch, Mapping) and "unlabelled" in batch and "unlabelled_mix" in batch):
             raise ValueError(
