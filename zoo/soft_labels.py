@@ -33,7 +33,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -447,9 +447,3 @@ def soft_labels_to_logits(index: Tensor, prob: Tensor, num_classes: int, tempera
     full.scatter_(-1, index.long(), prob)
     full = full / full.sum(-1, keepdim=True)
     return temperature * full.clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-def options_dict(options: SoftLabels) -> dict[str, Any]:
-    """The options as plain data (for hyperparameters and logs)."""
-    return asdict(options)
-

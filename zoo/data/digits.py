@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from zoo.data.base import ZooDataModule
+from zoo.soft_labels import PadCropFlip
 
 __all__ = ["DigitsDataModule", "TensorImageDataset", "load_digits_tensors"]
 
@@ -40,22 +41,23 @@ def _long_tailed(index: np.ndarray, labels: np.ndarray, ratio: float, seed: int)
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory, with an optional random translation by up to ``shift`` pixels (zero-padded)."""
+    """Images held in memory, with an optional random translation by up to ``shift`` pixels (zero-padded).
+
+    The translation is ``zoo.soft_labels.PadCropFlip`` without flip, drawn from torch's global generator, so the
+    online pipeline and a replayed soft-label cache (``replay_source``) use the same operation.
+    """
 
     def __init__(self, images: Tensor, labels: Tensor, shift: int = 0, fill: float = 0.0) -> None:
         self.images, self.labels, self.shift, self.fill = images, labels, shift, fill
+        self.augment = PadCropFlip(shift, flip=False, fill=fill) if shift > 0 else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image = self.images[index]
-        if self.shift > 0:
-            s = self.shift
-            h, w = image.shape[-2:]
-            dy, dx = (int(v) for v in torch.randint(0, 2 * s + 1, (2,)))
-            padded = F.pad(image, (s, s, s, s), value=self.fill)
-            image = padded[..., dy : dy + h, dx : dx + w]
+        if self.augment is not None:
+            image = self.augment.apply(image, self.augment.sample(1, torch.default_generator)[0])
         return image, self.labels[index]
 
 
@@ -172,8 +174,6 @@ class DigitsDataModule(ZooDataModule):
         return TensorImageDataset(images, labels, shift=shift, fill=-m / s)
 
     def replay_source(self) -> tuple[Dataset, Any, None]:
-        from zoo.soft_labels import PadCropFlip
-
         self._split()
         m, s = self._stats
         shift = self.shift if self.augment else 0

@@ -351,7 +351,7 @@ class DistillationMethod(L.LightningModule):
         x, y = self.unpack_batch(batch)
         x = self.prepare_input(x)
         # Teacher first: its activations are freed before the student's graph is built (lower peak memory, and
-        # about 7 % less step time for resnet32x4 → resnet8x4 on a CPU; benchmarks/throughput_kd.py).
+        # about 7 % less step time for resnet32x4 → resnet8x4 on a CPU: benchmarks/teacher_order.py, throughput_kd.py).
         if isinstance(batch, dict) and "soft_prob" in batch:
             teacher = self.cached_teacher_outputs(batch)
         else:
