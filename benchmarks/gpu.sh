@@ -5,11 +5,17 @@
 # hand-written loop and the student alone, all in the same run on the same card. Prints one table and writes
 # benchmarks/results/throughput_gpu.md (+ the per-setting throughput_kd_gpu_*.json/md), with the card's name.
 #
-# Preparation (on a machine with pip access, from the repository root), for packages the GPU image lacks:
+# Preparation (on a machine with pip access, from the repository root), for packages the GPU image lacks
+# (torchdistill; jsonargparse[signatures], which Lightning's CLI module imports when it is installed):
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl torchdistill==1.1.5
-# Then (device tool): run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=600).
-# About 6–8 minutes on an H100 (each setting: 5 rounds × 20 steps after 10 warm-up steps).
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl torchdistill==1.1.5 jsonargparse==4.53.0 docstring_parser==0.18.0 \
+#     typeshed_client==2.15.0
+# Then (device tool): run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=560).
+# Sized for a 15-minute device lease: each setting 3 rounds × 20 timed steps after 10 warm-up steps (cuDNN
+# autotuning happens there); peak memory is measured for fp32 and bf16 + channels-last only. Settings run in order
+# of importance and, where $OUT is set (the device tool), each finished one is copied there at once, so a run cut
+# short still returns what it finished. ONLY=fp32,bf16_cl bash benchmarks/gpu.sh runs only the settings named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -18,42 +24,26 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 # DEVICE=cpu QUICK=1 bash benchmarks/gpu.sh: a dry run of the whole script on a CPU with tiny sizes (checks the
 # plumbing only; its numbers mean nothing).
-if [ "${QUICK:-0}" = 1 ]; then SIZES=(--batch 4 --rounds 1 --steps 1 --warmup 1 --no-memory); else SIZES=(--batch 256 --rounds 5 --steps 20 --warmup 10); fi
+if [ "${QUICK:-0}" = 1 ]; then SIZES=(--batch 4 --rounds 1 --steps 1 --warmup 1); NOMEM=(--no-memory); else
+  SIZES=(--batch 256 --rounds 3 --steps 20 --warmup 10); NOMEM=(); fi
 COMMON=(--preset imagenet --device "${DEVICE:-cuda}" "${SIZES[@]}")
-python3 benchmarks/throughput_kd.py "${COMMON[@]}" --precision fp32 --variants zoo_kd torchdistill loop_kd student --tag gpu_fp32
-python3 benchmarks/throughput_kd.py "${COMMON[@]}" --precision bf16-mixed --variants zoo_kd torchdistill loop_kd --tag gpu_bf16
-python3 benchmarks/throughput_kd.py "${COMMON[@]}" --precision bf16-mixed --channels-last --variants zoo_kd torchdistill loop_kd student --tag gpu_bf16_cl
-python3 benchmarks/throughput_kd.py "${COMMON[@]}" --precision bf16-mixed --channels-last --compile-teacher --variants zoo_kd torchdistill --tag gpu_bf16_cl_compiled
-python3 - <<'PY'
-import json
-from pathlib import Path
-
-results = Path("benchmarks/results")
-settings = [("fp32", "gpu_fp32"), ("bf16-mixed", "gpu_bf16"), ("bf16-mixed + channels-last", "gpu_bf16_cl"),
-            ("bf16-mixed + channels-last + compiled teacher", "gpu_bf16_cl_compiled")]
-rows, card, base = [], None, None
-for name, tag in settings:
-    data = json.loads((results / f"throughput_kd_{tag}.json").read_text())
-    card = data["machine"]
-    v = {k: x["median_images_per_sec"] for k, x in data["variants"].items()}
-    base = base or v["zoo_kd"]
-    td = v.get("torchdistill")
-    rows.append(f"| {name} | {v['zoo_kd']:.0f} | {td:.0f} | {v.get('loop_kd', float('nan')):.0f} | "
-                f"{v.get('student', float('nan')):.0f} | {v['zoo_kd'] / base:.2f} | {v['zoo_kd'] / td:.2f} | "
-                f"{max((x.get('peak_mb', float('nan')) for x in data['variants'].values()), default=float('nan')):.0f} |")
-td_fp32 = json.loads((results / "throughput_kd_gpu_fp32.json").read_text())["variants"]["torchdistill"]["median_images_per_sec"]
-table = "\n".join([
-    f"ResNet-34 → ResNet-18 KD, 224², batch 256, synthetic ImageNet-shaped data; card: {card}; command: `bash benchmarks/gpu.sh`.",
-    "torchdistill always runs its own fp32 step (it has no autocast in this path); images/s are medians of 5 rounds.",
-    "",
-    "| setting | zoo KD img/s | torchdistill img/s | hand loop img/s | student only img/s | zoo ÷ zoo fp32 | zoo ÷ torchdistill (same run) | peak MB (max) |",
-    "|---|---|---|---|---|---|---|---|",
-    *rows,
-    "",
-    f"Best zoo setting ÷ torchdistill fp32 (first run): {max(float(r.split('|')[2]) for r in rows) / td_fp32:.2f}.",
-])
-(results / "throughput_gpu.md").write_text(table + "\n")
-print(table)
-PY
+save() {  # copy what is finished to the device tool's $OUT (one archive: its file count is limited)
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu_results.tgz" benchmarks/results/throughput_kd_gpu_* \
+    $(ls benchmarks/results/throughput_gpu.md 2>/dev/null); fi
+}
+setting() {  # setting TAG ARGS...: one throughput_kd.py run, skipped when ONLY (comma-separated tags) leaves it out
+  local tag=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$tag,"* ]]; then return; fi
+  python3 benchmarks/throughput_kd.py "${COMMON[@]}" "$@" --tag "gpu_$tag"; save
+}
+setting fp32 "${NOMEM[@]}" --precision fp32 --variants zoo_kd torchdistill loop_kd student
+setting bf16_cl "${NOMEM[@]}" --precision bf16-mixed --channels-last \
+  --variants zoo_kd torchdistill loop_kd student zoo_kd_cached_mem
+setting bf16 --no-memory --precision bf16-mixed --variants zoo_kd torchdistill loop_kd
+setting bf16_cl_compiled --no-memory --precision bf16-mixed --channels-last --compile-teacher \
+  --variants zoo_kd torchdistill
+python3 benchmarks/gpu_table.py
+save
