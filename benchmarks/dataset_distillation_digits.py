@@ -42,8 +42,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def worker(config: str, seed: int) -> None:
-    """Runs one distillation in this process; prints a JSON line with its numbers."""
+def worker(config: str, seed: int, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Runs one distillation in this process (``overrides``: extra CLI arguments); prints a JSON line with its numbers."""
     from zoo.cli import ZooCLI
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +53,7 @@ def worker(config: str, seed: int) -> None:
                 "--config", str(CONFIGS / f"{config}.yaml"), f"--seed_everything={seed}",
                 f"--model.init_args.seed={seed}", f"--model.init_args.output={tmp}/set.safetensors",
                 f"--trainer.default_root_dir={tmp}", "--trainer.enable_checkpointing=false", "--summary.enabled=false",
+                *overrides,
             ],
             run=False,
         )
@@ -71,9 +72,10 @@ def idle_rss() -> float:
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
-def run_worker(config: str, seed: int) -> dict:
+def run_worker(config: str, seed: int, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", config, str(seed)], cwd=ROOT, capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--worker", config, str(seed), *overrides], cwd=ROOT, capture_output=True, text=True,
+        check=False,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -94,7 +96,7 @@ def train_experts() -> dict[str, float]:
     return seconds
 
 
-def random_real(ipc: int, draws: int) -> list[float]:
+def random_real(ipc: int, draws: int, epochs: int = 300) -> list[float]:
     """IPC random training images per class, hard labels, lr 0.02, the same evaluation protocol (5 nets each)."""
     import torch
 
@@ -120,7 +122,7 @@ def random_real(ipc: int, draws: int) -> list[float]:
         ])
         result = evaluate_synthetic(
             lambda: source.build(num_classes=10, in_chans=1), images[idx], labels[idx], 0.02, lambda: test,
-            num_nets=5, seed=1000 + draw, epochs=300, augment=DiffAugment(DIGITS_DSA_STRATEGY),
+            num_nets=5, seed=1000 + draw, epochs=epochs, augment=DiffAugment(DIGITS_DSA_STRATEGY),
         )
         accs.extend(result.accuracies)
     return accs
@@ -137,11 +139,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
                         help="methods to (re)run; rows of others already in the results file are kept")
     parser.add_argument("--random-draws", type=int, default=20, help="random-real draws (5 networks each)")
-    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "SEED"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker[0], int(args.worker[1]))
+    if sys.argv[1:2] == ["--worker"]:  # internal: --worker CONFIG SEED [CLI OVERRIDE ...]
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
         return
+    args = parser.parse_args()
     import torch
 
     previous = RESULTS / "dataset_distillation_digits.json"
