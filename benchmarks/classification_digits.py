@@ -46,12 +46,13 @@ SETTINGS: dict[str, tuple[list[str], list[str]]] = {
 TAIL = (7, 8, 9)
 
 
-def run(method: str, seed: int, workdir: Path, extra: list[str]) -> dict[str, float]:
+def fit_and_test(config: Path, seed: int, workdir: Path, extra: list[str]):
+    """Fits ``config`` (quietly, no checkpoints) with ``seed`` and tests it; returns the CLI and the fit seconds."""
     from zoo.cli import ZooCLI
 
     cli = ZooCLI(
         args=[
-            "--config", str(CONFIGS / f"{method}.yaml"), f"--seed_everything={seed}",
+            "--config", str(config), f"--seed_everything={seed}",
             f"--trainer.default_root_dir={workdir}", "--trainer.enable_checkpointing=false",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
             "--summary.enabled=false", *extra,
@@ -62,6 +63,11 @@ def run(method: str, seed: int, workdir: Path, extra: list[str]) -> dict[str, fl
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return cli, seconds
+
+
+def run(method: str, seed: int, workdir: Path, extra: list[str]) -> dict[str, float]:
+    cli, seconds = fit_and_test(CONFIGS / f"{method}.yaml", seed, workdir, extra)
     metrics = cli.trainer.callback_metrics
     out = {"test_acc": float(metrics["test/acc"]), "seconds": seconds}
     if "test/agreement" in metrics:

@@ -83,17 +83,22 @@ def run_worker(config: str, seed: int, overrides: list[str] | tuple[str, ...] = 
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def train_experts() -> dict[str, float]:
+def train_buffer(config: str, overrides: list[str] | tuple[str, ...] = ()) -> float:
+    """Trains the experts of ``configs/dataset_distillation/digits/<config>.yaml`` (+ CLI overrides); returns the
+    seconds. ``ExpertTraining`` skips experts already in the buffer, so an interrupted buffer is finished."""
     from zoo.cli import ZooCLI
 
-    seconds = {}
-    for name, folder in BUFFERS.items():
-        if (ROOT / folder).is_dir() and any((ROOT / folder).glob("expert_*.safetensors")):
-            continue
-        start = time.perf_counter()
-        ZooCLI(args=["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--summary.enabled=false"])
-        seconds[name] = time.perf_counter() - start
-    return seconds
+    start = time.perf_counter()
+    ZooCLI(args=["fit", "--config", str(CONFIGS / f"{config}.yaml"), "--summary.enabled=false", *overrides])
+    return time.perf_counter() - start
+
+
+def train_experts() -> dict[str, float]:
+    return {
+        name: train_buffer(name)
+        for name, folder in BUFFERS.items()
+        if not ((ROOT / folder).is_dir() and any((ROOT / folder).glob("expert_*.safetensors")))
+    }
 
 
 def random_real(ipc: int, draws: int, epochs: int = 300) -> list[float]:

@@ -24,7 +24,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,23 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "classification" / "digits" / "kd.yaml"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from classification_digits import fit_and_test
 
 
 def run(seed: int, workdir: Path, extra: list[str]) -> dict[str, float]:
-    from zoo.cli import ZooCLI
-
-    cli = ZooCLI(
-        args=[
-            "--config", str(CONFIG), f"--seed_everything={seed}", f"--trainer.default_root_dir={workdir}",
-            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", "--summary.enabled=false", *extra,
-        ],
-        run=False,
-    )
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    seconds = time.perf_counter() - start
-    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    cli, seconds = fit_and_test(CONFIG, seed, workdir, extra)
     metrics = cli.trainer.callback_metrics
     return {"seed": seed, "test_acc": float(metrics["test/acc"]), "agreement": float(metrics["test/agreement"]),
             "seconds": seconds}

@@ -252,8 +252,10 @@ def zoo_runner(kind: str, teacher: nn.Module, student: nn.Module, x: Tensor, y: 
     datamodule = _synthetic_datamodule(args) if kind in ("zoo_kd_data", "zoo_kd_cached") else None
     batches = _Repeat(x, y)
     if kind == "zoo_kd_cached_mem":  # what a cached data set yields: the stored top-k of softmax(z_t / T)
+        from zoo.soft_labels import teacher_top_k
+
         with torch.no_grad(), autocast(args):
-            prob, index = (teacher(x).float() / T).softmax(-1).topk(TOP_K, dim=-1)
+            prob, index = teacher_top_k(teacher(x), T, TOP_K)
         batches = _Repeat({"image": x, "label": y, "soft_index": index, "soft_prob": prob}, None)
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     state = {"window": None}

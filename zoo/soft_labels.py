@@ -54,6 +54,7 @@ __all__ = [
     "dataset_fingerprint",
     "soft_labels_to_logits",
     "teacher_fingerprint",
+    "teacher_top_k",
 ]
 
 CACHE_FORMAT = "distill-zoo/soft-labels/1"
@@ -231,6 +232,16 @@ class SoftLabels:
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("soft_labels.shard_size and soft_labels.batch_size must be ≥ 1")
 
+    def stored_k(self, num_classes: int) -> int:
+        """Probabilities stored per view for ``num_classes`` classes (``top_k``, at most all of them)."""
+        return min(self.top_k or num_classes, num_classes)
+
+
+def teacher_top_k(logits: Tensor, temperature: float, k: int) -> tuple[Tensor, Tensor]:
+    """(probabilities, class indices) of the ``k`` largest entries of softmax(logits / T): what a cache stores."""
+    top = (logits.float() / temperature).softmax(-1).topk(k, dim=-1)
+    return top.values, top.indices
+
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -290,7 +301,7 @@ def build_soft_label_cache(
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
-    k = min(options.top_k or num_classes, num_classes)
+    k = options.stored_k(num_classes)
     header = {
         "format": CACHE_FORMAT,
         **fingerprint,
@@ -328,10 +339,9 @@ def build_soft_label_cache(
         for images in loader:  # (images, R, C, H, W): every view of an image from one decode
             b = images.shape[0]
             with torch.no_grad():
-                logits = teacher(images.flatten(0, 1).to(device)).float()
-            top = (logits / temperature).softmax(-1).topk(k, dim=-1)
-            index[done : done + b] = top.indices.view(b, options.repeats, k).cpu().numpy().astype(index_dtype)
-            prob[done : done + b] = top.values.view(b, options.repeats, k).cpu().numpy().astype(np.float16)
+                top_prob, top_index = teacher_top_k(teacher(images.flatten(0, 1).to(device)), temperature, k)
+            index[done : done + b] = top_index.view(b, options.repeats, k).cpu().numpy().astype(index_dtype)
+            prob[done : done + b] = top_prob.view(b, options.repeats, k).cpu().numpy().astype(np.float16)
             done += b
         _atomic_save(files["params"], params.numpy())
         _atomic_save(files["prob"], prob)

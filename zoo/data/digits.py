@@ -48,7 +48,7 @@ class TensorImageDataset(Dataset):
     """
 
     def __init__(self, images: Tensor, labels: Tensor, shift: int = 0, fill: float = 0.0) -> None:
-        self.images, self.labels, self.shift, self.fill = images, labels, shift, fill
+        self.images, self.labels = images, labels
         self.augment = PadCropFlip(shift, flip=False, fill=fill) if shift > 0 else None
 
     def __len__(self) -> int:

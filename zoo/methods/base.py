@@ -18,7 +18,16 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.data.base import ZooDataModule
 from zoo.models.sources import ModelSource, build_model, source_from_config
-from zoo.soft_labels import SoftLabels
+from zoo.soft_labels import (
+    MANIFEST,
+    CachedSoftLabelDataset,
+    SoftLabelCache,
+    SoftLabels,
+    build_soft_label_cache,
+    dataset_fingerprint,
+    soft_labels_to_logits,
+    teacher_fingerprint,
+)
 from zoo.teacher import FeatureTaps, Teacher
 
 __all__ = ["DistillationMethod", "Outputs", "ModelLike", "TeacherLike"]
@@ -253,14 +262,6 @@ class DistillationMethod(L.LightningModule):
 
     def _prepare_soft_labels(self) -> None:
         """Builds the cache when missing (each rank its shards), checks it, swaps the data module's train set."""
-        from zoo.soft_labels import (
-            CachedSoftLabelDataset,
-            SoftLabelCache,
-            build_soft_label_cache,
-            dataset_fingerprint,
-            teacher_fingerprint,
-        )
-
         opts = self.soft_labels
         if self.cached_soft_label_temperature() is None or self.teacher_taps:
             raise ValueError(_NO_CACHE.format(type(self).__name__))
@@ -278,10 +279,10 @@ class DistillationMethod(L.LightningModule):
             "augmentation": augment.spec(),
             "normalization": [[round(float(v), 6) for v in datamodule.mean], [round(float(v), 6) for v in datamodule.std]],
         }
-        k = min(opts.top_k or self.num_classes, self.num_classes)
-        expected = {**fingerprint, "temperature": temperature, "num_classes": self.num_classes, "top_k": k,
+        expected = {**fingerprint, "temperature": temperature, "num_classes": self.num_classes,
+                    "top_k": opts.stored_k(self.num_classes),
                     "repeats": opts.repeats, "seed": opts.seed}
-        manifest = Path(opts.path) / "cache.json"
+        manifest = Path(opts.path) / MANIFEST
         complete = manifest.is_file() and json.loads(manifest.read_text()).get("complete")
         if not complete:
             strategy = self.trainer.strategy
@@ -303,8 +304,6 @@ class DistillationMethod(L.LightningModule):
 
     def cached_teacher_outputs(self, batch: dict[str, Tensor]) -> Outputs:
         """The teacher's stored answer for the replayed views of a cached batch, as pseudo-logits."""
-        from zoo.soft_labels import soft_labels_to_logits
-
         temperature = float(self.cached_soft_label_temperature())
         return Outputs(soft_labels_to_logits(batch["soft_index"], batch["soft_prob"], self.num_classes, temperature))
 
