@@ -1,13 +1,13 @@
 """MTT on digits at IPC 1: does any setting get near the prototype's +25-point gap over random real?
 
-Each variant distils ``configs/dataset_distillation/digits/mtt.yaml`` with a few CLI overrides (and, where named,
-experts retrained with overrides of ``experts.yaml`` into their own buffer under
-``runs/dataset_distillation/digits/variants/``), with seeds 0 and 1, through the worker of
+Each variant distils ``configs/dataset_distillation/digits/mtt.yaml`` (or the config it names: one DATM row) with a
+few CLI overrides (and, where named, experts retrained with overrides of ``experts.yaml`` into their own buffer
+under ``runs/dataset_distillation/digits/variants/``), with seeds 0 and 1, through the worker of
 ``benchmarks/dataset_distillation_digits.py`` (same evaluation: 5 fresh networks per seed at the final iteration).
 The 1000-epoch evaluation variant also gets its own random-real baseline at 1000 epochs (the first 10 draws of the
 main benchmark's baseline).
 
-    python benchmarks/mtt_digits_variants.py                  # about 20 min on 2 CPU cores
+    python benchmarks/mtt_digits_variants.py                  # about 45 min on 2 CPU cores (13 variants)
     python benchmarks/mtt_digits_variants.py --variants base eval1000
 
 Results: benchmarks/results/mtt_digits_variants.{json,md}.
@@ -33,8 +33,11 @@ from dataset_distillation_digits import (
 )
 
 VARIANT_ROOT = "runs/dataset_distillation/digits/variants"
-# name: (description, mtt.yaml overrides, experts.yaml overrides or None for the shipped buffer)
-VARIANTS: dict[str, tuple[str, list[str], list[str] | None]] = {
+EXPERTS50 = ["--trainer.max_epochs=750", "--model.init_args.num_experts=50"]
+ITERS2000 = ["--trainer.max_steps=2000"]
+# name: (description, overrides of the distillation config, experts.yaml overrides or None for the shipped buffer,
+# distillation config: mtt unless named)
+VARIANTS: dict[str, tuple] = {
     "base": ("shipped config", [], None),
     "experts30": ("experts 30 epochs, T+ 20", ["--model.init_args.max_start_epoch=20"],
                   ["--trainer.max_epochs=300", "--model.init_args.train_epochs=30"]),
@@ -45,13 +48,21 @@ VARIANTS: dict[str, tuple[str, list[str], list[str] | None]] = {
     "lr_img_300": ("image lr 300", ["--model.init_args.lr_img=300"], None),
     "zca": ("ZCA-whitened experts and distillation", [], ["--model.init_args.zca=true"]),
     "eval1000": ("1000 evaluation epochs", ["--model.init_args.eval_epochs=1000"], None),
+    "iters2000": ("2000 iterations", ITERS2000, None),
+    "iters5000": ("5000 iterations (official MTT)", ["--trainer.max_steps=5000"], None),
+    "experts50": ("50 experts", [], EXPERTS50),
+    "experts50_iters2000": ("50 experts, 2000 iterations", ITERS2000, EXPERTS50),
+    "datm_experts50_iters2000": ("DATM (datm.yaml), 50 experts, 2000 iterations", ITERS2000, EXPERTS50, "datm"),
 }
 
 
 def experts(name: str, overrides: list[str]) -> str:
-    """Trains (once) the experts of a variant into their own buffer; returns the folder."""
+    """Trains (once) the experts of a variant into their own buffer, shared by the variants with the same expert
+    overrides (named after the first); returns the folder."""
+    name = next(n for n, v in VARIANTS.items() if v[2] == overrides)
     folder = f"{VARIANT_ROOT}/{name}"
-    if len(list((ROOT / folder).glob("expert_*.safetensors"))) < 10:  # resumes an interrupted buffer
+    count = next((int(o.split("=")[1]) for o in overrides if o.startswith("--model.init_args.num_experts=")), 10)
+    if len(list((ROOT / folder).glob("expert_*.safetensors"))) < count:  # resumes an interrupted buffer
         train_buffer("experts", [f"--model.init_args.buffer_dir={folder}", *overrides])
     return folder
 
@@ -78,10 +89,10 @@ def main() -> None:
     path = RESULTS / "mtt_digits_variants.json"
     results = json.loads(path.read_text()) if path.is_file() else {"variants": {}}
     for name in args.variants:
-        description, overrides, expert_overrides = VARIANTS[name]
+        description, overrides, expert_overrides, *config = VARIANTS[name]
         if expert_overrides is not None:
             overrides = [f"--model.init_args.buffer_dir={experts(name, expert_overrides)}", *overrides]
-        runs = [run_worker("mtt", seed, overrides) for seed in range(args.seeds)]
+        runs = [run_worker(config[0] if config else "mtt", seed, overrides) for seed in range(args.seeds)]
         results["variants"][name] = {"description": description, "overrides": overrides, "runs": runs}
         print(name, mean_std([a for r in runs for a in r["accuracies"]]), flush=True)
         if name == "eval1000":
