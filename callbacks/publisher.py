@@ -13,7 +13,8 @@ import yaml
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from zoo.publish import architecture_from_hparams, describe_source, write_publication
+from zoo import hub
+from zoo.publish import architecture_from_hparams, describe_source, publish_distilled, write_publication
 
 __all__ = ["CheckpointPublisher"]
 
@@ -28,6 +29,10 @@ class CheckpointPublisher(L.Callback):
       library versions, git commit) with the registry entry under ``"entry"``, ready to add to
       ``zoo/checkpoints/registry.json``;
     - ``<file>.md``: the model card for people.
+
+    A trajectory-matching run (dataset distillation) publishes its distilled set instead: the artifact the run wrote
+    at the end of training, as it is (``zoo.publish.publish_distilled``: task ``dataset-distillation``, the run's
+    final evaluation as metrics), logged to W&B as an artifact of type ``dataset``.
 
     Every file is written under a temporary name and renamed, so a crash never leaves a half-published checkpoint.
     With a ``WandbLogger`` the three files are logged as a W&B artifact of type ``model``; with ``hf_repo_id`` set
@@ -82,13 +87,30 @@ class CheckpointPublisher(L.Callback):
     @rank_zero_only
     def publish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """Publishes now; returns the registry entry (also kept as ``self.published``)."""
+        from zoo.dataset_distillation.methods import TrajectoryMatching
+
         out_dir = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "published")
         out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".publishing-") as tmp:
-            ckpt, metrics = self._checkpoint(trainer, Path(tmp))
-            entry, card = self._describe(trainer, pl_module, metrics)
-            bases = self.urls + ([f"hf://{self.hf_repo_id}"] if self.hf_repo_id else [])
-            file, entry = write_publication(ckpt, out_dir, entry, card, url_bases=bases)
+        bases = self.urls + ([f"hf://{self.hf_repo_id}"] if self.hf_repo_id else [])
+        if isinstance(pl_module, TrajectoryMatching):
+            artifact = pl_module.output_path()
+            if not artifact.is_file():
+                raise RuntimeError(
+                    f"CheckpointPublisher: the distilled set {artifact} does not exist yet; it is written when "
+                    "training ends (publish then, or with on_fit_end)"
+                )
+            run_config = Path(trainer.log_dir or "") / "config.yaml"
+            entry = publish_distilled(
+                artifact, self.name, out_dir,
+                config_path=self.config_path or (str(run_config) if run_config.is_file() else None),
+                url_bases=bases, license=self.license,
+            )
+            file = out_dir / entry["file"]
+        else:
+            with tempfile.TemporaryDirectory(dir=out_dir, prefix=".publishing-") as tmp:
+                ckpt, metrics = self._checkpoint(trainer, Path(tmp))
+                entry, card = self._describe(trainer, pl_module, metrics)
+                file, entry = write_publication(ckpt, out_dir, entry, card, url_bases=bases)
         files = [file, file.with_suffix(".json"), file.with_suffix(".md")]
         if self.hf_repo_id:
             self._upload_hf(files)
@@ -169,7 +191,8 @@ class CheckpointPublisher(L.Callback):
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                artifact = wandb.Artifact(self.name, type="model", metadata=entry)
+                kind = "dataset" if entry["task"] == hub.TASK_DISTILLED else "model"
+                artifact = wandb.Artifact(self.name, type=kind, metadata=entry)
                 for f in files:
                     artifact.add_file(str(f))
                 logger.experiment.log_artifact(artifact)

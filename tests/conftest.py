@@ -1,4 +1,7 @@
+import functools
 import os
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -18,3 +21,24 @@ def _seed():
 @pytest.fixture
 def root() -> str:
     return ROOT
+
+
+@pytest.fixture
+def serve_folder():
+    """Serves folders over HTTP on 127.0.0.1 for one test: ``serve_folder(path)`` returns the base URL; every
+    server is shut down at teardown."""
+    servers = []
+
+    def start(directory) -> str:
+        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(directory))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        thread.join()
+        server.server_close()

@@ -1,10 +1,7 @@
 """Issue 3's end-to-end path: quickstart student → CheckpointPublisher → served on 127.0.0.1 → downloaded by name
 through ZOO_CHECKPOINT_MIRROR → verified → identical predictions."""
 
-import functools
 import json
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
@@ -17,7 +14,7 @@ from zoo.hub_cli import main as checkpoints_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_student_published_served_downloaded_and_identical(tmp_path, monkeypatch, capsys):
+def test_quickstart_student_published_served_downloaded_and_identical(tmp_path, monkeypatch, capsys, serve_folder):
     monkeypatch.chdir(ROOT)
     cli = ZooCLI(args=[
         "--config", "configs/quickstart.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=4",
@@ -32,22 +29,15 @@ def test_quickstart_student_published_served_downloaded_and_identical(tmp_path, 
     registry.write_text(json.dumps(hub.registry() + [card["entry"]]))
     monkeypatch.setattr(hub, "REGISTRY_FILE", registry)
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("ZOO_CHECKPOINT_MIRROR", f"http://127.0.0.1:{server.server_address[1]}")
-        assert checkpoints_main(["download", "quickstart-student"]) == 0
-        path = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    finally:
-        server.shutdown()
-        thread.join()
+    monkeypatch.setenv("ZOO_CHECKPOINT_MIRROR", serve_folder(tmp_path / "served"))
+    assert checkpoints_main(["download", "quickstart-student"]) == 0
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.delenv("ZOO_CHECKPOINT_MIRROR")  # from here on only the cache can deliver it
     assert path.parent == tmp_path / "home" / "checkpoints" and path.name == card["entry"]["file"]
     assert hub.sha256_file(path) == card["entry"]["sha256"]
     assert checkpoints_main(["verify", str(path)]) == 0
 
-    model, meta = hub.load("quickstart-student")  # from the cache now; the server is gone
+    model, meta = hub.load("quickstart-student")  # from the cache now: no mirror, and the entry lists no urls
     cli.datamodule.setup("validate")
     x, _ = next(iter(cli.datamodule.val_dataloader()))
     student = cli.model.student.eval()

@@ -3,7 +3,10 @@
 The registry is ``zoo/checkpoints/registry.json``: one entry per checkpoint with its name, task, method, the model
 source that builds its architecture, data set, metrics, input size, normalisation, sha256, file size, URLs,
 license, the config and the command that produced it. ``checkpoints.md`` is generated from it
-(``zoo checkpoints markdown``). Files named ``<name>-<sha256[:8]>.safetensors`` hold the student weights only.
+(``zoo checkpoints markdown``). Files named ``<name>-<sha256[:8]>.safetensors`` hold the student weights only, or,
+for entries of task ``dataset-distillation``, a distilled set (``zoo.dataset_distillation.save_distilled``'s
+artifact: served by ``DistilledDataModule(path="hub:<name>")``, not by ``load``; its ``architecture`` is the
+network the set was distilled for and its metrics the final evaluation of the run).
 
 Where a checkpoint's file comes from (``download``/``resolve``, used by ``load`` and ``Pretrained``):
 
@@ -56,6 +59,7 @@ __all__ = [
     "checkpoint_urls",
     "download",
     "download_url_to_file",
+    "export_file",
     "export_student",
     "get_entry",
     "is_offline",
@@ -75,6 +79,7 @@ ENV_HOME = "ZOO_HOME"
 ENV_OFFLINE = "ZOO_OFFLINE"
 ENV_MIRROR = "ZOO_CHECKPOINT_MIRROR"
 DEFAULT_HOME = "~/.cache/distill-zoo"
+TASK_DISTILLED = "dataset-distillation"
 # Seconds a connection or a single read may stall before an HTTP download is abandoned (not a total limit).
 DOWNLOAD_TIMEOUT = 60.0
 _CHUNK = 1 << 20
@@ -461,6 +466,11 @@ def load(name: str) -> tuple[nn.Module, dict[str, Any]]:
     ``input_size``) and the metrics. The weights come from ``download(name)``: shipped, cached or fetched, verified.
     """
     entry = get_entry(name)
+    if entry["task"] == TASK_DISTILLED:
+        raise ValueError(
+            f"checkpoint {name!r} is a distilled set, not a model: train on it with "
+            f"DistilledDataModule(path='hub:{name}') or fetch it with zoo.hub.download({name!r})"
+        )
     model = source_from_config(entry["architecture"]).build()
     load_weights(model, resolve(name), field=f"checkpoint {name!r}")
     return model.eval(), entry
@@ -524,6 +534,18 @@ def export_student(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, na
     return final, digest
 
 
+def export_file(path: str | os.PathLike, out_dir: str | os.PathLike, name: str) -> tuple[Path, str]:
+    """Copies a finished file (e.g. a distilled set) to ``out_dir/<name>-<sha8>.safetensors``, verified, through a
+    temporary file and a rename (nothing half-written under the final name). Returns the path and the sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file to publish")
+    digest, size = sha256_file(path), path.stat().st_size
+    final = Path(out_dir) / f"{name}-{digest[:8]}.safetensors"
+    download_url_to_file(path.resolve().as_uri(), final, digest, size)
+    return final, digest
+
+
 def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
     """The text of ``checkpoints.md``, generated from the registry."""
     entries = entries if entries is not None else list_checkpoints()
@@ -532,14 +554,17 @@ def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
         "",
         "Generated from `zoo/checkpoints/registry.json` by `zoo checkpoints markdown > checkpoints.md`; "
         "a test fails when this file and the registry disagree. Load one with `zoo.hub.load(name)` or use it in a "
-        "config as `{class_path: zoo.hub.Pretrained, init_args: {name: ...}}`.",
+        "config as `{class_path: zoo.hub.Pretrained, init_args: {name: ...}}`. Entries of task "
+        f"`{TASK_DISTILLED}` are distilled sets, not weights: train on one with "
+        "`{class_path: zoo.dataset_distillation.DistilledDataModule, init_args: {path: hub:<name>, real: ...}}`; "
+        "their architecture is the network the set was distilled for.",
         "",
         "| name | task | method | architecture | data | metrics | file | size | sha256 | license |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         arch = e["architecture"]
-        arch_name = arch.get("init_args", {}).get("name", arch["class_path"])
+        arch_name = arch.get("init_args", {}).get("name") or arch["class_path"].rsplit(".", 1)[-1]
         metrics = ", ".join(f"{k} {v}" for k, v in e["metrics"].items())
         lines.append(
             f"| {e['name']} | {e['task']} | {e['method']} | {arch_name} | {e['dataset']} | {metrics} | "
@@ -553,6 +578,11 @@ def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
             f"- config: `{e['config']}`",
             f"- command: `{e['command']}`",
             f"- input: {e['input_size']}, mean {e['mean']}, std {e['std']}",
-            "",
         ]
+        if e["task"] == TASK_DISTILLED:
+            lines.append(
+                f"- distilled set: {e.get('ipc')} image(s) per class at iteration {e.get('iteration')}; metrics: "
+                f"test accuracy of {e.get('eval_nets')} fresh networks trained on it (the run's final evaluation)"
+            )
+        lines += [""]
     return "\n".join(lines)

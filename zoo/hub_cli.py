@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from zoo import hub
-from zoo.publish import publish
+from zoo.publish import publish, publish_distilled
 
 __all__ = ["main"]
 
@@ -19,8 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list registry entries")
     p_list.add_argument("pattern", nargs="?", default="*")
-    p_pub = sub.add_parser("publish", help="export the student of a run as <name>-<sha8>.safetensors")
-    p_pub.add_argument("path", help="a run folder or a .ckpt file")
+    p_pub = sub.add_parser(
+        "publish", help="export the student of a run, or a distilled set, as <name>-<sha8>.safetensors"
+    )
+    p_pub.add_argument("path", help="a run folder, a .ckpt file, or a distilled set (distilled.safetensors)")
     p_pub.add_argument("--name", required=True)
     p_pub.add_argument("--dir", default=".", help="output folder")
     p_pub.add_argument("--dataset", default=None)
@@ -41,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         for e in hub.list_checkpoints(args.pattern):
             metrics = ", ".join(f"{k}={v}" for k, v in e["metrics"].items())
             print(f"{e['name']}\t{e['method']}\t{e['dataset']}\t{metrics}\t{e['file']}")
+    elif args.command == "publish" and Path(args.path).suffix == ".safetensors":
+        entry = publish_distilled(args.path, args.name, args.dir, args.dataset, args.config, args.fit_command)
+        print(json.dumps(entry, indent=2))
     elif args.command == "publish":
         entry = publish(
             args.path, args.name, args.dir, args.dataset, args.config, test=not args.no_test, fit_command=args.fit_command

@@ -1,6 +1,8 @@
-"""Publishing a trained student: safetensors weights, a model card and a registry entry, written atomically.
+"""Publishing a trained student (safetensors weights) or a distilled set, with a model card and a registry entry,
+written atomically.
 
-Used by ``zoo checkpoints publish`` (finished runs) and by ``callbacks.CheckpointPublisher`` (end of fit).
+Used by ``zoo checkpoints publish`` (finished runs, distilled-set artifacts) and by ``callbacks.CheckpointPublisher``
+(end of fit).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,15 @@ import torch
 
 from zoo import hub
 
-__all__ = ["architecture_from_hparams", "describe_source", "model_card", "publish", "write_atomic", "write_publication"]
+__all__ = [
+    "architecture_from_hparams",
+    "describe_source",
+    "model_card",
+    "publish",
+    "publish_distilled",
+    "write_atomic",
+    "write_publication",
+]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -88,6 +98,7 @@ def describe_source(spec: Any) -> str | None:
 
 def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
     """The Markdown model card."""
+    distilled = entry["task"] == hub.TASK_DISTILLED
     lines = [f"# {entry['name']}", "", f"- method: {card.get('method', entry['method'])}"]
     for key in ("student", "teacher", "dataset"):
         if card.get(key) or entry.get(key):
@@ -110,13 +121,21 @@ def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
         "## Load",
         "",
         "```python",
-        "from safetensors.torch import load_file",
-        "from zoo.models.sources import source_from_config",
-        f"model = source_from_config({json.dumps(entry['architecture'])}).build()",
-        f"model.load_state_dict(load_file('{entry['file']}'))",
-        "```",
-        "",
     ]
+    if distilled:
+        lines += [
+            "from zoo.dataset_distillation import DistilledDataModule, load_distilled",
+            f"artifact = load_distilled('hub:{entry['name']}')  # images, labels, lr, metadata, zca",
+            f"data = DistilledDataModule(path='hub:{entry['name']}', real=...)  # the real data module: val/test",
+        ]
+    else:
+        lines += [
+            "from safetensors.torch import load_file",
+            "from zoo.models.sources import source_from_config",
+            f"model = source_from_config({json.dumps(entry['architecture'])}).build()",
+            f"model.load_state_dict(load_file('{entry['file']}'))",
+        ]
+    lines += ["```", ""]
     return "\n".join(lines)
 
 
@@ -126,8 +145,10 @@ def write_publication(
     entry: dict[str, Any],
     card: dict[str, Any],
     url_bases: Sequence[str] = (),
+    export: Callable[[Any, Any, str], tuple[Path, str]] = hub.export_student,
 ) -> tuple[Path, dict[str, Any]]:
-    """Exports the student and writes ``<file>.json`` (the card, with the registry entry under ``"entry"``) and
+    """Exports the student (``export``: ``hub.export_student``; ``hub.export_file`` copies a finished file such as
+    a distilled set) and writes ``<file>.json`` (the card, with the registry entry under ``"entry"``) and
     ``<file>.md`` (the model card).
 
     ``entry`` holds every registry field but ``sha256``, ``file_size`` and ``file``, which are filled in here;
@@ -136,7 +157,7 @@ def write_publication(
     only after their card exists; a crash leaves no half-written file under a final name.
     """
     out_dir = Path(out_dir)
-    file, digest = hub.export_student(checkpoint, out_dir, entry["name"])
+    file, digest = export(checkpoint, out_dir, entry["name"])
     urls = [f"{base.rstrip('/')}/{file.name}" for base in url_bases] + list(entry.get("urls", []))
     entry = {**entry, "sha256": digest, "file_size": file.stat().st_size, "file": file.name, "urls": urls}
     card = {**card, "versions": _versions(), "git_commit": _git_commit(), "entry": entry}
@@ -256,4 +277,68 @@ def publish(
         "config": config,
     }
     _, entry = write_publication(ckpt, out_dir, entry, card)
+    return entry
+
+
+def publish_distilled(
+    path: str | Path,
+    name: str,
+    out_dir: str | Path,
+    dataset: str | None = None,
+    config_path: str | None = None,
+    fit_command: str | None = None,
+    url_bases: Sequence[str] = (),
+    license: str = "Apache-2.0",
+) -> dict[str, Any]:
+    """Publishes a distilled-set artifact (``distilled.safetensors`` of a trajectory-matching run) as it is, under
+    ``<name>-<sha8>.safetensors`` with its card; returns the registry entry (task ``dataset-distillation``).
+
+    The entry's ``architecture`` is the network the set was distilled for, ``input_size``/``mean``/``std`` those of
+    the set and its real data, and ``metrics`` the run's own final evaluation (``eval_acc_mean``/``eval_acc_std``
+    over its evaluation networks, and the learned lr ``syn_lr``); ``ipc``, ``iteration`` and ``eval_nets`` are
+    recorded next to them. ``config_path`` names the distillation config (default: the run's ``config.yaml``
+    beside the artifact); ``fit_command`` the commands that made it (default ``zoo fit --config <config>``);
+    ``url_bases`` and ``license`` as in :func:`write_publication` and the registry.
+    """
+    from zoo.dataset_distillation.distilled import load_distilled
+
+    path = Path(path)
+    artifact = load_distilled(path)  # fails early, naming the file, on anything that is not a distilled set
+    meta = artifact["metadata"]
+    evaluation = meta.get("evaluation") or {}
+    if "eval/acc_mean" not in evaluation:
+        raise ValueError(f"{path}: the distilled set carries no final evaluation (metadata.evaluation); publish the "
+                         "artifact a finished run wrote")
+    network = (meta.get("hparams") or {}).get("network")
+    if isinstance(network, dict) and "class_path" in network:
+        init = {k: v for k, v in (network.get("init_args") or {}).items() if v is not None}
+        architecture = {"class_path": network["class_path"], "init_args": init}
+    else:
+        architecture = {"class_path": str(meta.get("network") or network)}
+    config_path = config_path or str(path.parent / "config.yaml")
+    entry = {
+        "name": name,
+        "task": hub.TASK_DISTILLED,
+        "method": str(meta.get("method", "")),
+        "architecture": architecture,
+        "dataset": dataset or meta.get("dataset") or "",
+        "metrics": {
+            "eval_acc_mean": round(float(evaluation["eval/acc_mean"]), 4),
+            "eval_acc_std": round(float(evaluation["eval/acc_std"]), 4),
+            "syn_lr": round(float(artifact["lr"]), 6),
+        },
+        "ipc": meta.get("ipc"),
+        "iteration": meta.get("iteration"),
+        "eval_nets": len(evaluation.get("accuracies") or []),
+        "input_size": list(artifact["images"].shape[1:]),
+        "mean": meta.get("mean"),
+        "std": meta.get("std"),
+        "urls": [],
+        "license": license,
+        "config": config_path,
+        "command": f"{fit_command or f'zoo fit --config {config_path}'} && zoo checkpoints publish {path} --name {name} "
+        f"--dir {out_dir} --config {config_path}",
+    }
+    card = {"method": entry["method"], "dataset": entry["dataset"], "hparams": meta.get("hparams")}
+    _, entry = write_publication(path, out_dir, entry, card, url_bases=url_bases, export=hub.export_file)
     return entry

@@ -35,7 +35,7 @@ def test_config_parses(config, monkeypatch):
     monkeypatch.chdir(ROOT)
     cli = ParseOnlyCLI(args=["--config", config], run=False)
     assert cli.config.model.class_path.startswith("zoo.")
-    assert cli.config.data.class_path.startswith("zoo.data.")
+    assert cli.config.data.class_path.startswith(("zoo.data.", "zoo.dataset_distillation.DistilledDataModule"))
 
 
 @pytest.mark.parametrize("config", DIGITS)

@@ -152,7 +152,12 @@ def test_a_buffer_too_short_for_the_window_fails_clearly(buffers, tmp_path, monk
                      "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
 
 
-DIGITS_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("experts"))
+# the distillation configs (not the experts', nor train_on_*.yaml, which trains a network on a published set)
+DIGITS_CONFIGS = sorted(
+    p.name for p in CONFIGS.glob("*.yaml")
+    if not p.name.startswith("experts") and yaml.safe_load(p.read_text())["model"]["class_path"].startswith(
+        "zoo.dataset_distillation.")
+)
 
 
 @pytest.mark.parametrize("config", DIGITS_CONFIGS)
@@ -253,3 +258,28 @@ def test_evaluation_trains_at_the_learned_lr_times_eval_lr_factor(buffers, real,
     assert seen["lr"] == pytest.approx(0.02)
     with pytest.raises(ValueError, match="eval_lr_factor must be > 0"):
         make(MTT, buffers["experts"], real, eval_lr_factor=0.0)
+
+
+def test_checkpoint_publisher_publishes_the_distilled_set(buffers, tmp_path, monkeypatch):
+    from callbacks.publisher import CheckpointPublisher
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "set.safetensors"
+    cli = ZooCLI(
+        args=[
+            "--config", str(CONFIGS / "mtt.yaml"), f"--model.init_args.buffer_dir={buffers['experts']}",
+            "--model.init_args.max_start_epoch=2", "--trainer.max_steps=1", "--model.init_args.eval_nets=2",
+            "--model.init_args.eval_epochs=1", f"--model.init_args.output={out}",
+            f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false",
+        ],
+        run=False,
+    )
+    publisher = CheckpointPublisher("toy-mtt", out_dir=str(tmp_path / "pub"), urls=["https://example.invalid/zoo"])
+    cli.trainer.callbacks.append(publisher)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    entry = publisher.published
+    assert entry["task"] == "dataset-distillation" and entry["method"] == "MTT" and entry["eval_nets"] == 2
+    assert Path(entry["path"]).read_bytes() == out.read_bytes()  # the run's artifact, as it is
+    assert entry["urls"] == [f"https://example.invalid/zoo/{entry['file']}"]
+    assert entry["config"].endswith("config.yaml") and Path(entry["config"]).is_file()
+    assert entry["metrics"]["eval_acc_mean"] == round(cli.model.last_eval["eval/acc_mean"], 4)

@@ -57,10 +57,29 @@ def save_distilled(
     return path
 
 
+HUB_PREFIX = "hub:"
+
+
 def load_distilled(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads an artifact of :func:`save_distilled`; returns images, labels, lr, metadata and the ZCA state."""
+    """Reads an artifact of :func:`save_distilled`; returns images, labels, lr, metadata and the ZCA state.
+
+    ``path`` is a file, or ``hub:<name>`` for a published distilled set of the checkpoint registry (task
+    ``dataset-distillation``; shipped, cached or downloaded, and verified against the entry's sha256 by
+    ``zoo.hub.download``).
+    """
     from safetensors import safe_open
 
+    if str(path).startswith(HUB_PREFIX):
+        from zoo import hub
+
+        name = str(path)[len(HUB_PREFIX) :]
+        entry = hub.get_entry(name)
+        if entry["task"] != hub.TASK_DISTILLED:
+            raise ValueError(
+                f"DistilledDataModule.path: {path} is a {entry['task']} checkpoint, not a distilled set (task "
+                f"{hub.TASK_DISTILLED!r}); see `zoo checkpoints list`"
+            )
+        path = hub.download(name)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"DistilledDataModule.path: no distilled set at {path}")
@@ -113,7 +132,8 @@ class DistilledDataModule(ZooDataModule):
     validation and test images. ``num_classes``, ``in_chans``, ``mean`` and ``std`` are the real data module's.
 
     Args:
-        path: the ``.safetensors`` artifact written by a trajectory-matching run.
+        path: the ``.safetensors`` artifact written by a trajectory-matching run, or ``hub:<name>`` for a published
+            one (``zoo checkpoints list``; downloaded and verified on first use).
         real: the data module of the real data (validation/test splits and normalisation).
         soft_labels: keep DATM's label logits instead of their argmax.
         repeat: repeat the (tiny) synthetic set this many times per epoch, so an epoch has several batches.
