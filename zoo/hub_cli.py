@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             metrics = ", ".join(f"{k}={v}" for k, v in e["metrics"].items())
             print(f"{e['name']}\t{e['method']}\t{e['dataset']}\t{metrics}\t{e['file']}")
     elif args.command == "publish" and Path(args.path).suffix == ".safetensors":
-        entry = publish_distilled(args.path, args.name, args.dir, args.dataset, args.config, args.fit_command)
+        try:
+            entry = publish_distilled(args.path, args.name, args.dir, args.dataset, args.config, args.fit_command)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"zoo checkpoints publish: {err}", file=sys.stderr)
+            return 1
         print(json.dumps(entry, indent=2))
     elif args.command == "publish":
         entry = publish(

@@ -95,7 +95,18 @@ def test_publishing_refuses_what_is_not_a_finished_distilled_set(tmp_path):
         publish_distilled(teacher, "x", tmp_path / "pub")
     with pytest.raises(FileNotFoundError, match="no distilled set at"):
         publish_distilled(tmp_path / "missing.safetensors", "x", tmp_path / "pub")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a distilled set .unreadable as safetensors"):
+        publish_distilled(tmp_path / "junk.safetensors", "x", tmp_path / "pub")
     assert not (tmp_path / "pub").exists()
+
+
+def test_publish_cli_reports_a_bad_artifact_in_one_line(tmp_path, capsys):
+    assert checkpoints_main(["publish", str(tmp_path / "nothing.safetensors"), "--name", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"zoo checkpoints publish: no distilled set at {tmp_path / 'nothing.safetensors'}"
+    with pytest.raises(FileNotFoundError, match="^DistilledDataModule.path: no distilled set at"):
+        DistilledDataModule(path=str(tmp_path / "nothing.safetensors"))
 
 
 SHIPPED = [e for e in hub.registry() if e["task"] == hub.TASK_DISTILLED]

@@ -60,15 +60,17 @@ def save_distilled(
 HUB_PREFIX = "hub:"
 
 
-def load_distilled(path: str | os.PathLike) -> dict[str, Any]:
+def load_distilled(path: str | os.PathLike, field: str | None = None) -> dict[str, Any]:
     """Reads an artifact of :func:`save_distilled`; returns images, labels, lr, metadata and the ZCA state.
 
     ``path`` is a file, or ``hub:<name>`` for a published distilled set of the checkpoint registry (task
     ``dataset-distillation``; shipped, cached or downloaded, and verified against the entry's sha256 by
-    ``zoo.hub.download``).
+    ``zoo.hub.download``). ``field`` names the setting that gave the path in error messages (e.g.
+    ``DistilledDataModule.path``).
     """
     from safetensors import safe_open
 
+    where = f"{field}: " if field else ""
     if str(path).startswith(HUB_PREFIX):
         from zoo import hub
 
@@ -76,18 +78,25 @@ def load_distilled(path: str | os.PathLike) -> dict[str, Any]:
         entry = hub.get_entry(name)
         if entry["task"] != hub.TASK_DISTILLED:
             raise ValueError(
-                f"DistilledDataModule.path: {path} is a {entry['task']} checkpoint, not a distilled set (task "
+                f"{where}{path} is a {entry['task']} checkpoint, not a distilled set (task "
                 f"{hub.TASK_DISTILLED!r}); see `zoo checkpoints list`"
             )
         path = hub.download(name)
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DistilledDataModule.path: no distilled set at {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a distilled set (format {meta.get('format')!r}, expected {FORMAT!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+        raise FileNotFoundError(f"{where}no distilled set at {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(
+                    f"{where}{path}: not a distilled set (format {meta.get('format')!r}, expected {FORMAT!r})"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors' own error types: a file that is not safetensors at all
+        raise ValueError(f"{where}{path}: not a distilled set (unreadable as safetensors: {err})") from err
     zca = {k[len("zca_") :]: v for k, v in tensors.items() if k.startswith("zca_")}
     return {
         "images": tensors["images"],
@@ -153,7 +162,7 @@ class DistilledDataModule(ZooDataModule):
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         self.path, self.real, self.soft_labels, self.repeat = path, real, soft_labels, repeat
-        self.artifact = load_distilled(path)
+        self.artifact = load_distilled(path, field="DistilledDataModule.path")
         images = self.artifact["images"]
         meta = self.artifact["metadata"]
         self.num_classes = int(meta.get("num_classes") or (self.artifact["labels"].max() + 1))
