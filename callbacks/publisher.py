@@ -35,7 +35,8 @@ class CheckpointPublisher(L.Callback):
     final evaluation as metrics), logged to W&B as an artifact of type ``dataset``.
 
     Every file is written under a temporary name and renamed, so a crash never leaves a half-published checkpoint.
-    With a ``WandbLogger`` the three files are logged as a W&B artifact of type ``model``; with ``hf_repo_id`` set
+    With a ``WandbLogger`` the three files are logged as a W&B artifact of type ``model`` (``dataset`` for a
+    distilled set); with ``hf_repo_id`` set
     and a token in ``$<hf_token_env>`` they are uploaded to that Hugging Face Hub repo and the entry's ``urls``
     name them (``hf://<repo>/<file>``).
 
@@ -49,7 +50,7 @@ class CheckpointPublisher(L.Callback):
         config_path: the project config to name in the entry (default: the run's saved ``config.yaml``).
         license: the license recorded in the entry.
         urls: base URLs the file will be served from; the entry records ``<base>/<file>`` for each.
-        wandb_artifact: log the files as a W&B model artifact when a WandbLogger is active.
+        wandb_artifact: log the files as a W&B artifact when a WandbLogger is active.
         hf_repo_id: Hugging Face Hub repo to upload to (``org/name``), or ``None``.
         hf_token_env: environment variable holding the Hugging Face token.
         on_fit_end: publish automatically at the end of fit.
@@ -93,17 +94,22 @@ class CheckpointPublisher(L.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         bases = self.urls + ([f"hf://{self.hf_repo_id}"] if self.hf_repo_id else [])
         if isinstance(pl_module, TrajectoryMatching):
+            from zoo.dataset_distillation import load_distilled
+
             artifact = pl_module.output_path()
-            if not artifact.is_file():
+            written = load_distilled(artifact)["metadata"].get("iteration") if artifact.is_file() else None
+            if written != trainer.global_step:
                 raise RuntimeError(
-                    f"CheckpointPublisher: the distilled set {artifact} does not exist yet; it is written when "
-                    "training ends (publish then, or with on_fit_end)"
+                    f"CheckpointPublisher: the distilled set {artifact} "
+                    + ("does not exist yet" if written is None else f"is from iteration {written}, not this run's "
+                       f"{trainer.global_step}")
+                    + "; the run writes it when training ends (publish then, or with on_fit_end)"
                 )
             run_config = Path(trainer.log_dir or "") / "config.yaml"
             entry = publish_distilled(
                 artifact, self.name, out_dir,
                 config_path=self.config_path or (str(run_config) if run_config.is_file() else None),
-                url_bases=bases, license=self.license,
+                url_bases=bases, license=self.license, publish_command=False,
             )
             file = out_dir / entry["file"]
         else:

@@ -80,6 +80,8 @@ ENV_OFFLINE = "ZOO_OFFLINE"
 ENV_MIRROR = "ZOO_CHECKPOINT_MIRROR"
 DEFAULT_HOME = "~/.cache/distill-zoo"
 TASK_DISTILLED = "dataset-distillation"
+DISTILLED_FIELDS = ("ipc", "iteration", "eval_nets")  # required, besides REQUIRED_FIELDS, of a distilled set's entry
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a registry name: also the start of its file name
 # Seconds a connection or a single read may stall before an HTTP download is abandoned (not a total limit).
 DOWNLOAD_TIMEOUT = 60.0
 _CHUNK = 1 << 20
@@ -132,6 +134,9 @@ def registry(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
         if entry["name"] in seen:
             raise ValueError(f"checkpoint registry {path}: duplicate name {entry['name']!r}")
         seen.add(entry["name"])
+        missing = [k for k in DISTILLED_FIELDS if entry["task"] == TASK_DISTILLED and k not in entry]
+        if missing:
+            raise ValueError(f"checkpoint registry {path}: distilled set {entry['name']!r} lacks {missing}")
         if not str(entry["file"]).endswith(f"-{entry['sha256'][:8]}.safetensors"):
             raise ValueError(f"checkpoint registry {path}: {entry['name']}.file must end in -<sha256[:8]>.safetensors")
     return entries
@@ -428,7 +433,8 @@ def _local_file(entry: dict[str, Any]) -> Path:
 
 
 def download(name: str, dir: str | os.PathLike | None = None) -> Path:
-    """The local, verified weights file of a registry entry, downloading it into the cache when needed.
+    """The local, verified file of a registry entry (weights, or a distilled set), downloading it into the cache
+    when needed.
 
     Order: the file shipped in the package, then ``$ZOO_HOME/checkpoints/<file>``, then the mirror
     (``$ZOO_CHECKPOINT_MIRROR``) and the entry's ``urls`` (see the module docstring; ``ZOO_OFFLINE=1`` stops
@@ -457,7 +463,8 @@ def download(name: str, dir: str | os.PathLike | None = None) -> Path:
 
 
 def resolve(name: str) -> Path:
-    """The local, hash-verified weights file of a registry entry: ``download(name)`` (used by ``load``)."""
+    """The local, hash-verified file of a registry entry: ``download(name)`` (used by ``load`` and by
+    ``load_distilled("hub:<name>")``)."""
     return download(name)
 
 
@@ -492,6 +499,11 @@ class Pretrained(ModelSource):
     def __init__(self, name: str) -> None:
         self.name = name
         entry = get_entry(name)
+        if entry["task"] == TASK_DISTILLED:
+            raise ValueError(
+                f"Pretrained.name: {name!r} is a distilled set, not a model; use it as data: "
+                f"DistilledDataModule(path='hub:{name}')"
+            )
         self.mean, self.std = tuple(entry["mean"]), tuple(entry["std"])
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
@@ -564,7 +576,8 @@ def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
     ]
     for e in entries:
         arch = e["architecture"]
-        arch_name = arch.get("init_args", {}).get("name") or arch["class_path"].rsplit(".", 1)[-1]
+        arch_name = arch.get("init_args", {}).get("name") or str(arch.get("class_path") or arch.get("description"))
+        arch_name = arch_name.rsplit(".", 1)[-1]
         metrics = ", ".join(f"{k} {v}" for k, v in e["metrics"].items())
         lines.append(
             f"| {e['name']} | {e['task']} | {e['method']} | {arch_name} | {e['dataset']} | {metrics} | "
@@ -581,8 +594,9 @@ def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
         ]
         if e["task"] == TASK_DISTILLED:
             lines.append(
-                f"- distilled set: {e.get('ipc')} image(s) per class at iteration {e.get('iteration')}; metrics: "
-                f"test accuracy of {e.get('eval_nets')} fresh networks trained on it (the run's final evaluation)"
+                f"- distilled set: {e['ipc']} image(s) per class at iteration {e['iteration']}; eval_acc_mean/std: "
+                f"test accuracy of {e['eval_nets']} fresh networks trained on it (the run's final evaluation); "
+                "syn_lr: the learned lr they train at"
             )
         lines += [""]
     return "\n".join(lines)

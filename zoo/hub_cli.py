@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         for e in hub.list_checkpoints(args.pattern):
             metrics = ", ".join(f"{k}={v}" for k, v in e["metrics"].items())
-            print(f"{e['name']}\t{e['method']}\t{e['dataset']}\t{metrics}\t{e['file']}")
+            print(f"{e['name']}\t{e['task']}\t{e['method']}\t{e['dataset']}\t{metrics}\t{e['file']}")
     elif args.command == "publish" and Path(args.path).suffix == ".safetensors":
         try:
             entry = publish_distilled(args.path, args.name, args.dir, args.dataset, args.config, args.fit_command)

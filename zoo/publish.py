@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -154,8 +155,14 @@ def write_publication(
     ``entry`` holds every registry field but ``sha256``, ``file_size`` and ``file``, which are filled in here;
     each of ``url_bases`` adds ``<base>/<file>`` to the entry's ``urls``.
     Every file is written under a temporary name and renamed, the weights last of the three to become visible
-    only after their card exists; a crash leaves no half-written file under a final name.
+    only after their card exists; a crash leaves no half-written file under a final name. The name must be a plain
+    file-name stem (``hub.NAME_PATTERN``: letters, digits, ``.``, ``_``, ``-``; no folders).
     """
+    if not re.fullmatch(hub.NAME_PATTERN, str(entry["name"])):
+        raise ValueError(
+            f"publish: name {entry['name']!r} must be a plain name (letters, digits, '.', '_', '-', starting with a "
+            "letter or digit); it becomes the file name"
+        )
     out_dir = Path(out_dir)
     file, digest = export(checkpoint, out_dir, entry["name"])
     urls = [f"{base.rstrip('/')}/{file.name}" for base in url_bases] + list(entry.get("urls", []))
@@ -289,6 +296,7 @@ def publish_distilled(
     fit_command: str | None = None,
     url_bases: Sequence[str] = (),
     license: str = "Apache-2.0",
+    publish_command: bool = True,
 ) -> dict[str, Any]:
     """Publishes a distilled-set artifact (``distilled.safetensors`` of a trajectory-matching run) as it is, under
     ``<name>-<sha8>.safetensors`` with its card; returns the registry entry (task ``dataset-distillation``).
@@ -297,7 +305,9 @@ def publish_distilled(
     the set and its real data, and ``metrics`` the run's own final evaluation (``eval_acc_mean``/``eval_acc_std``
     over its evaluation networks, and the learned lr ``syn_lr``); ``ipc``, ``iteration`` and ``eval_nets`` are
     recorded next to them. ``config_path`` names the distillation config (default: the run's ``config.yaml``
-    beside the artifact); ``fit_command`` the commands that made it (default ``zoo fit --config <config>``);
+    beside the artifact, when there is one; else none is recorded); ``fit_command`` the commands that made it
+    (default ``zoo fit --config <config>``), to which ``publish_command`` appends the ``zoo checkpoints publish``
+    command that publishes it this way (``CheckpointPublisher`` records the fit alone, as for students);
     ``url_bases`` and ``license`` as in :func:`write_publication` and the registry.
     """
     from zoo.dataset_distillation.distilled import load_distilled
@@ -313,9 +323,15 @@ def publish_distilled(
     if isinstance(network, dict) and "class_path" in network:
         init = {k: v for k, v in (network.get("init_args") or {}).items() if v is not None}
         architecture = {"class_path": network["class_path"], "init_args": init}
-    else:
-        architecture = {"class_path": str(meta.get("network") or network)}
-    config_path = config_path or str(path.parent / "config.yaml")
+    else:  # a set distilled for a network given as an object: only its description was stored
+        architecture = {"class_path": None, "description": str(meta.get("network") or network)}
+    beside = path.parent / "config.yaml"
+    config_path = config_path or (str(beside) if beside.is_file() else None)
+    command = fit_command or (f"zoo fit --config {config_path}" if config_path else None)
+    if publish_command:
+        config_flag = f" --config {config_path}" if config_path else ""
+        command = f"{command} && " if command else ""
+        command += f"zoo checkpoints publish {path} --name {name} --dir {out_dir}{config_flag}"
     entry = {
         "name": name,
         "task": hub.TASK_DISTILLED,
@@ -336,8 +352,7 @@ def publish_distilled(
         "urls": [],
         "license": license,
         "config": config_path,
-        "command": f"{fit_command or f'zoo fit --config {config_path}'} && zoo checkpoints publish {path} --name {name} "
-        f"--dir {out_dir} --config {config_path}",
+        "command": command,
     }
     card = {"method": entry["method"], "dataset": entry["dataset"], "hparams": meta.get("hparams")}
     _, entry = write_publication(path, out_dir, entry, card, url_bases=url_bases, export=hub.export_file)

@@ -74,7 +74,8 @@ def test_a_published_set_downloads_from_a_mirror_verified(tmp_path, monkeypatch,
     art = _artifact(tmp_path / "distilled.safetensors")
     assert checkpoints_main(["publish", str(art), "--name", "served-set", "--dir", str(tmp_path / "served")]) == 0
     entry = json.loads(capsys.readouterr().out)
-    assert entry["config"] == str(tmp_path / "config.yaml")  # default: the run's config beside the artifact
+    assert entry["config"] is None  # no --config and no run config beside the artifact: none is claimed
+    assert entry["command"] == f"zoo checkpoints publish {art} --name served-set --dir {tmp_path / 'served'}"
     (tmp_path / "empty").mkdir()
     _use_registry(monkeypatch, tmp_path, [entry], tmp_path / "empty")
     monkeypatch.setenv("ZOO_CHECKPOINT_MIRROR", serve_folder(tmp_path / "served"))
@@ -82,6 +83,43 @@ def test_a_published_set_downloads_from_a_mirror_verified(tmp_path, monkeypatch,
     cached = tmp_path / "home" / "checkpoints" / entry["file"]
     assert cached.read_bytes() == art.read_bytes()
     assert torch.equal(dm.artifact["images"], load_distilled(art)["images"])
+
+
+def test_the_run_config_beside_the_artifact_is_recorded(tmp_path):
+    from zoo.publish import publish_distilled
+
+    art = _artifact(tmp_path / "run" / "distilled.safetensors")
+    (tmp_path / "run" / "config.yaml").write_text("seed_everything: 0\n")
+    entry = publish_distilled(art, "with-config", tmp_path / "pub", publish_command=False)
+    assert entry["config"] == str(tmp_path / "run" / "config.yaml")
+    assert entry["command"] == f"zoo fit --config {tmp_path / 'run' / 'config.yaml'}"
+
+
+@pytest.mark.parametrize("name", ["a/b", "../x", "", ".hidden", "spaced name"])
+def test_a_name_that_is_not_a_plain_file_stem_is_refused(tmp_path, name, capsys):
+    art = _artifact(tmp_path / "distilled.safetensors")
+    assert checkpoints_main(["publish", str(art), "--name", name, "--dir", str(tmp_path / "pub")]) == 1
+    assert f"name {name!r} must be a plain name" in capsys.readouterr().err
+    assert not (tmp_path / "pub").exists() and not list(tmp_path.glob("x-*"))  # nothing written, inside or out
+
+
+def test_offline_without_a_cached_copy_names_the_variable(tmp_path, monkeypatch, capsys):
+    art = _artifact(tmp_path / "distilled.safetensors")
+    assert checkpoints_main(["publish", str(art), "--name", "remote-set", "--dir", str(tmp_path / "served")]) == 0
+    (tmp_path / "empty").mkdir()
+    _use_registry(monkeypatch, tmp_path, [json.loads(capsys.readouterr().out)], tmp_path / "empty")
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="'remote-set': ZOO_OFFLINE=1 and the file is not in the cache"):
+        DistilledDataModule(path="hub:remote-set")
+
+
+def test_a_distilled_entry_is_data_not_a_model_source(tmp_path):
+    with pytest.raises(ValueError, match="Pretrained.name: 'digits-mtt-ipc1' is a distilled set, not a model"):
+        hub.Pretrained("digits-mtt-ipc1")
+    entry = {k: v for k, v in hub.get_entry("digits-mtt-ipc1").items() if k != "eval_nets"}
+    (tmp_path / "registry.json").write_text(json.dumps([entry]))
+    with pytest.raises(ValueError, match=r"distilled set 'digits-mtt-ipc1' lacks \['eval_nets'\]"):
+        hub.registry(tmp_path / "registry.json")
 
 
 def test_publishing_refuses_what_is_not_a_finished_distilled_set(tmp_path):
@@ -124,7 +162,12 @@ def test_shipped_distilled_set_matches_its_entry(entry):
     meta, evaluation = art["metadata"], art["metadata"]["evaluation"]
     assert art["images"].shape == (entry["ipc"] * meta["num_classes"], *entry["input_size"])
     assert meta["method"] == entry["method"] and meta["iteration"] == entry["iteration"]
+    assert (meta["dataset"], meta["mean"], meta["std"]) == (entry["dataset"], entry["mean"], entry["std"])
+    network = meta["hparams"]["network"]
+    assert entry["architecture"]["class_path"] == network["class_path"]
+    assert entry["architecture"]["init_args"].items() <= network["init_args"].items()
     assert entry["metrics"]["eval_acc_mean"] == round(evaluation["eval/acc_mean"], 4)
+    assert entry["metrics"]["eval_acc_std"] == round(evaluation["eval/acc_std"], 4)
     assert entry["metrics"]["syn_lr"] == round(art["lr"], 6) and len(evaluation["accuracies"]) == entry["eval_nets"]
     assert (ROOT / entry["config"]).is_file() and entry["config"] in entry["command"]
 

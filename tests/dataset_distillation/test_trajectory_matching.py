@@ -283,3 +283,10 @@ def test_checkpoint_publisher_publishes_the_distilled_set(buffers, tmp_path, mon
     assert entry["urls"] == [f"https://example.invalid/zoo/{entry['file']}"]
     assert entry["config"].endswith("config.yaml") and Path(entry["config"]).is_file()
     assert entry["metrics"]["eval_acc_mean"] == round(cli.model.last_eval["eval/acc_mean"], 4)
+    assert entry["command"] == f"zoo fit --config {entry['config']}"  # the fit alone, as for a student
+    # a set on the output path that this run did not write is not published
+    from zoo.dataset_distillation import save_distilled
+
+    save_distilled(out, cli.model.images, cli.model.labels(), 0.01, {"iteration": 7})
+    with pytest.raises(RuntimeError, match="set.safetensors is from iteration 7, not this run's 1"):
+        publisher.publish(cli.trainer, cli.model)
