@@ -290,3 +290,34 @@ def test_checkpoint_publisher_publishes_the_distilled_set(buffers, tmp_path, mon
     save_distilled(out, cli.model.images, cli.model.labels(), 0.01, {"iteration": 7})
     with pytest.raises(RuntimeError, match="set.safetensors is from iteration 7, not this run's 1"):
         publisher.publish(cli.trainer, cli.model)
+
+
+def test_published_set_is_a_wandb_dataset_artifact(buffers, tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    extra = tmp_path / "wandb.yaml"
+    extra.write_text(yaml.safe_dump({"trainer": {
+        "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                   "init_args": {"project": "zoo-tests", "save_dir": str(tmp_path), "offline": True}},
+        "callbacks": [{"class_path": "callbacks.publisher.CheckpointPublisher",
+                       "init_args": {"name": "toy-mtt", "out_dir": str(tmp_path / "pub")}}],
+    }}))
+    cli = ZooCLI(
+        args=[
+            "--config", str(CONFIGS / "mtt.yaml"), "--config", str(extra),
+            f"--model.init_args.buffer_dir={buffers['experts']}", "--model.init_args.max_start_epoch=2",
+            "--trainer.max_steps=1", "--model.init_args.eval_nets=1", "--model.init_args.eval_epochs=1",
+            f"--model.init_args.output={tmp_path / 'set.safetensors'}", f"--trainer.default_root_dir={tmp_path}",
+            "--summary.enabled=false",
+        ],
+        run=False,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    from lightning.pytorch.loggers import WandbLogger
+
+    next(lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)).experiment.finish()
+    # the offline run log stores each artifact record as (..., type, name, ...) in protobuf, strings verbatim
+    log = next((tmp_path / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    assert re.search(rb"dataset\*.toy-mtt", log) and not re.search(rb"model\*.toy-mtt", log)
