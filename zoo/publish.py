@@ -68,18 +68,26 @@ def _versions() -> dict[str, str]:
     }
 
 
+def source_config(spec: Any) -> dict[str, Any] | None:
+    """A model source recorded in hparams as ``{class_path, init_args}`` without the unset (None) arguments; None
+    when it was recorded as something else (e.g. the string of an object)."""
+    if hasattr(spec, "to_config"):
+        spec = spec.to_config()
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        return None
+    args = {k: v for k, v in (spec.get("init_args") or {}).items() if v is not None}
+    return {"class_path": spec["class_path"], "init_args": args}
+
+
 def architecture_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     """The student's source as class_path/init_args, with the data's num_classes/in_chans filled in."""
-    student = hparams.get("student")
-    if hasattr(student, "to_config"):
-        student = student.to_config()
-    if not isinstance(student, dict) or "class_path" not in student:
+    student = source_config(hparams.get("student"))
+    if student is None:
         raise ValueError("the run does not record its student as a zoo.models source (class_path/init_args)")
-    args = dict(student.get("init_args") or {})
     for key in ("num_classes", "in_chans"):
-        if hparams.get(key) is not None and args.get(key) is None:
-            args[key] = hparams[key]
-    return {"class_path": student["class_path"], "init_args": {k: v for k, v in args.items() if v is not None}}
+        if hparams.get(key) is not None and key not in student["init_args"]:
+            student["init_args"][key] = hparams[key]
+    return student
 
 
 def describe_source(spec: Any) -> str | None:
@@ -320,11 +328,8 @@ def publish_distilled(
         raise ValueError(f"{path}: the distilled set carries no final evaluation (metadata.evaluation); publish the "
                          "artifact a finished run wrote")
     network = (meta.get("hparams") or {}).get("network")
-    if isinstance(network, dict) and "class_path" in network:
-        init = {k: v for k, v in (network.get("init_args") or {}).items() if v is not None}
-        architecture = {"class_path": network["class_path"], "init_args": init}
-    else:  # a set distilled for a network given as an object: only its description was stored
-        architecture = {"class_path": None, "description": str(meta.get("network") or network)}
+    # a set distilled for a network given as an object keeps only its description
+    architecture = source_config(network) or {"class_path": None, "description": str(meta.get("network") or network)}
     beside = path.parent / "config.yaml"
     config_path = config_path or (str(beside) if beside.is_file() else None)
     command = fit_command or (f"zoo fit --config {config_path}" if config_path else None)

@@ -88,15 +88,12 @@ def load_distilled(path: str | os.PathLike, field: str | None = None) -> dict[st
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(
-                    f"{where}{path}: not a distilled set (format {meta.get('format')!r}, expected {FORMAT!r})"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except ValueError:
-        raise
+            ours = meta.get("format") == FORMAT
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if ours else {}  # noqa: SIM118 - safe_open has no items()
     except Exception as err:  # noqa: BLE001 - safetensors' own error types: a file that is not safetensors at all
         raise ValueError(f"{where}{path}: not a distilled set (unreadable as safetensors: {err})") from err
+    if not ours:
+        raise ValueError(f"{where}{path}: not a distilled set (format {meta.get('format')!r}, expected {FORMAT!r})")
     zca = {k[len("zca_") :]: v for k, v in tensors.items() if k.startswith("zca_")}
     return {
         "images": tensors["images"],
