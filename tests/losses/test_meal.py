@@ -23,6 +23,9 @@ def test_discriminator_widths_and_final_relu():
     d = LogitDiscriminator(1000)
     assert [m.out_features for m in d if isinstance(m, torch.nn.Linear)] == [125, 15, 2]
     assert isinstance(d[-1], torch.nn.ReLU)
+    # the default floor (1) only lifts a width of 0: CIFAR-100 keeps the official 100 → 12 → 1 → 2
+    widths = {c: [m.out_features for m in LogitDiscriminator(c) if isinstance(m, torch.nn.Linear)] for c in (100, 10)}
+    assert widths == {100: [12, 1, 2], 10: [1, 1, 2]}
     small = LogitDiscriminator(10, min_hidden=5)
     assert [m.out_features for m in small if isinstance(m, torch.nn.Linear)] == [5, 5, 2]
     assert (small(torch.randn(8, 10)) >= 0).all()

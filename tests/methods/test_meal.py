@@ -9,13 +9,15 @@ from zoo.methods import MEALV2
 from zoo.models import CIFARModel
 
 
-def make(**kw):
-    teachers = [CIFARModel("resnet14"), CIFARModel("resnet8")]
+def make(teachers: int = 2, **kw):
+    teachers = [CIFARModel("resnet14"), CIFARModel("resnet8")][:teachers]
     return MEALV2(CIFARModel("resnet8"), teachers, num_classes=10, in_chans=1, discriminator_min_hidden=5, **kw)
 
 
-def test_loss_uses_no_labels_and_ensemble_average_of_probabilities():
-    model = make()
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_loss_uses_no_labels_and_ensemble_average_of_probabilities(teachers):
+    """The target is log p̄ for one teacher as for an ensemble (one teacher once got its raw logits)."""
+    model = make(teachers)
     x = torch.randn(6, 1, 16, 16)
     s, t = model.forward_student(x), model.forward_teacher(x)
     members = model.teacher.member_logits(x)
@@ -26,6 +28,8 @@ def test_loss_uses_no_labels_and_ensemble_average_of_probabilities():
     a, b = model.loss_terms(s, t, y1), model.loss_terms(s, t, y2)
     assert set(a) == {"sim", "disc"}
     assert all(torch.equal(a[k], b[k]) for k in a)
+    soft_ce = -(p_bar * s.logits.log_softmax(1)).sum(1).mean()
+    assert a["sim"].item() == pytest.approx(soft_ce.item(), rel=1e-5)
 
 
 def test_one_optimizer_over_student_and_discriminator(tmp_path):

@@ -28,11 +28,12 @@ class LogitDiscriminator(nn.Sequential):
     """MEAL V2's discriminator on C-dimensional logits (``models/discriminator.py``: three 1×1 convolutions).
 
     C → h1 → h2 → 2 with h1 = max(C // 8, min_hidden) and h2 = max(h1 // 8, min_hidden), and a ReLU after *every*
-    layer, the last one included, as in the official code. ``min_hidden`` is our addition: with C = 10 the official
-    widths C//8 = 1 and C//64 = 0 would collapse (ImageNet: 1000 → 125 → 15 → 2, unchanged by the default floor).
+    layer, the last one included, as in the official code. ``min_hidden`` is our addition: the official widths
+    reach 0 for C < 64 (C = 10: 1 and 0). The default floor 1 changes only a 0, so ImageNet (1000 → 125 → 15 → 2)
+    and CIFAR-100 (100 → 12 → 1 → 2) keep the official widths; the spec's digits prototype used C → 5 → 2 → 2.
     """
 
-    def __init__(self, num_classes: int, min_hidden: int = 2) -> None:
+    def __init__(self, num_classes: int, min_hidden: int = 1) -> None:
         h1 = max(num_classes // 8, min_hidden)
         h2 = max(h1 // 8, min_hidden)
         super().__init__(

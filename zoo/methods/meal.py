@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ class MEALV2(DistillationMethod):
     code; a number puts D in its own param group with that lr, which the per-epoch scheduler scales like the rest.
 
     Args:
-        teacher: a list of sources (the ensemble); a single teacher also works.
-        discriminator_min_hidden: floor for the discriminator's hidden widths (see ``LogitDiscriminator``).
+        teacher: a list of sources (the ensemble); a single teacher also works (p̄ is then its softmax).
+        discriminator_min_hidden: floor for the discriminator's hidden widths (see ``LogitDiscriminator``; 1, the
+            default, keeps the official C//8 and C//64 wherever they are not 0).
         discriminator_lr: the discriminator's lr, or ``None`` for the student's.
         discriminator_weight: weight of L_D (1 in the paper; 0 gives MEAL V2 without D).
     """
@@ -42,7 +44,7 @@ class MEALV2(DistillationMethod):
         student: ModelLike,
         teacher: TeacherLike,
         *,
-        discriminator_min_hidden: int = 2,
+        discriminator_min_hidden: int = 1,
         discriminator_lr: float | None = None,
         discriminator_weight: float = 1.0,
         **kwargs: Any,
@@ -57,9 +59,11 @@ class MEALV2(DistillationMethod):
         self.discriminator_weight = discriminator_weight
 
     def forward_teacher(self, x: Tensor) -> Outputs:
-        members = self.teacher.member_logits(x)
-        mean_logits = torch.stack([z.float() for z in members]).mean(0)
-        return Outputs(self.teacher.combine(members), {"mean_logits": mean_logits})
+        """``logits`` carries log p̄ (what ``SoftCrossEntropy`` takes), for one teacher as for K; ``mean_logits``
+        carries z̄^t for the discriminator. ``Teacher.combine`` is not used: for one member it returns raw logits."""
+        members = torch.stack([z.float() for z in self.teacher.member_logits(x)])
+        log_mean_prob = torch.logsumexp(members.log_softmax(-1), dim=0) - math.log(members.shape[0])
+        return Outputs(log_mean_prob, {"mean_logits": members.mean(0)})
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         terms = {"sim": self.similarity(student.logits, teacher.logits)}
