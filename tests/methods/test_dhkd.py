@@ -169,3 +169,13 @@ def test_invalid_arguments_are_refused():
         make(aux_head="mlp")
     with pytest.raises(ValueError, match="kd_stop_epoch"):
         make(kd_stop_epoch=0)
+
+
+def test_a_teacher_ensemble_must_average_logits():
+    """BinaryKL-Norm is not shift-invariant: a ``prob`` ensemble (log p̄) is refused, a ``logit`` one is accepted."""
+    teachers = [CIFARModel("resnet14"), CIFARModel("resnet8")]
+    with pytest.raises(ValueError, match="teacher_ensemble must be 'logit'"):
+        DHKD(CIFARModel("resnet8"), teachers, num_classes=10, in_chans=1)
+    model = DHKD(CIFARModel("resnet8"), teachers, num_classes=10, in_chans=1, teacher_ensemble="logit")
+    x, _ = batch()
+    torch.testing.assert_close(model.forward_teacher(x).logits, torch.stack(model.teacher.member_logits(x)).mean(0))

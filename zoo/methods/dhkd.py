@@ -67,7 +67,8 @@ class DHKD(DistillationMethod):
     (``train_student_imagenet.py``: ``if epoch >= early_stop_epoch: alpha = 0``, 50 there), so ``kd_stop_epoch=50``
     distils during epochs 1–49 (Lightning's ``current_epoch`` 0–48). ``None`` never stops.
 
-    Defaults: γ = 1, α = 1, T = 2, linear head, no GA (the official CLI defaults). The README's CIFAR example
+    Defaults: γ = 1, α = 1, T = 2, linear head, no GA (the official CLI's γ, T, head and GA defaults; its ``-a``
+    has no default and the README passes ``-a 1``, so α = 1 is the README's CIFAR value). The README's CIFAR example
     (resnet32x4 → ShuffleV2) uses the nonlinear head with GA; its ImageNet R34 → R18 run: α = 0.1, linear head,
     no GA, ``kd_stop_epoch`` 50.
 
@@ -98,6 +99,12 @@ class DHKD(DistillationMethod):
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, **kwargs)
+        if len(self.teacher.members) > 1 and self.teacher.ensemble != "logit":
+            # a ``prob`` ensemble yields log p̄; BinaryKL-Norm is not shift-invariant, so it needs real logits
+            raise ValueError(
+                "DHKD.teacher_ensemble must be 'logit' for a teacher ensemble: BinaryKL-Norm compares logit values, "
+                "and a 'prob' ensemble gives log-probabilities"
+            )
         if kd_stop_epoch is not None and kd_stop_epoch < 1:
             raise ValueError(f"DHKD.kd_stop_epoch must be ≥ 1 (epochs count from 1) or None, got {kd_stop_epoch}")
         dim = embedding_dim(self.student, self.hparams.get("in_chans"))
@@ -202,7 +209,7 @@ class DHKD(DistillationMethod):
             (pooled,) = self._pooled_sink
         finally:
             self._pooled_sink = None
-        self.val_aux_acc(self.aux_head(pooled), out["target"])
+        self.val_aux_acc.update(self.aux_head(pooled), out["target"])
         self.log("val/acc_aux", self.val_aux_acc, batch_size=out["target"].shape[0])
         return out
 
