@@ -358,7 +358,9 @@ class DistillationMethod(L.LightningModule):
         student = self.forward_student(x)
         terms = self.loss_terms(student, teacher, y)
         loss = self.log_loss_terms(terms, x.shape[0])
-        self.train_metrics(student.logits.detach(), y)
+        # update(), not forward(): the metrics are logged per epoch only, so forward's per-batch value would be
+        # computed and thrown away (a few small kernels and host time every step).
+        self.train_metrics.update(student.logits.detach(), y)
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
