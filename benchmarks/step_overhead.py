@@ -2,11 +2,12 @@
 
 Teacher and student are a 3→4 channel conv, a pooling and a linear layer (about 500 parameters), batch 8 of 3×32×32,
 100 classes, one thread, so a step's time is its Python and dispatch cost: what a GPU step has to hide behind the
-card's work. Variants: the hand-written KD loop, the zoo's ``KD`` online (teacher on the batch) and cached (the
+card's work. Each variant runs ``--rounds`` times, interleaved with the others (this machine's timings drift by tens of
+per cent between runs); a round's time is its median step, and the table gives the median round and the range. Variants: the hand-written KD loop, the zoo's ``KD`` online (teacher on the batch) and cached (the
 batch carries stored top-10 probabilities, as a cached soft-label data set yields them). Then a cProfile of the
 online zoo step gives the share of Lightning's ``self.log``.
 
-    python benchmarks/step_overhead.py      # about 30 s
+    python benchmarks/step_overhead.py [--rounds 5]     # about 1 min
 
 Results: benchmarks/results/step_overhead.{json,md}.
 """
@@ -86,13 +87,24 @@ def zoo_ms(batch, steps: int = STEPS) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    rounds = parser.parse_args().rounds
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 100, (8,), generator=g)
     with torch.no_grad():
         prob, index = teacher_top_k(tiny()(x), T, 10)
     cached = {"image": x, "label": y, "soft_index": index, "soft_prob": prob}
-    results = {"loop_ms": loop_ms(x, y), "zoo_online_ms": zoo_ms((x, y)), "zoo_cached_ms": zoo_ms(cached)}
+    variants = {"loop_ms": lambda: loop_ms(x, y), "zoo_online_ms": lambda: zoo_ms((x, y)), "zoo_cached_ms": lambda: zoo_ms(cached)}
+    per_round: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for key, run in variants.items():
+            per_round[key].append(run())
+    results: dict = {k: statistics.median(v) for k, v in per_round.items()}
+    results["rounds"] = per_round
 
     profile = cProfile.Profile()
     profile.enable()
@@ -107,11 +119,12 @@ def main() -> None:
     results["training_step_ms_profiled"] = 1000 * step[3] / step[1]
     results["machine"] = f"{platform.processor() or platform.machine()} CPU, 1 thread"
     results["torch"] = torch.__version__
-    results["command"] = "python benchmarks/step_overhead.py"
+    results["command"] = "python benchmarks/step_overhead.py" + (f" --rounds {rounds}" if rounds != 5 else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "step_overhead.json").write_text(json.dumps(results, indent=2))
     intro = (
-        f"Host cost of one KD step with next to no compute (median of {STEPS - SKIP} steps); machine: "
+        f"Host cost of one KD step with next to no compute (a round's time is its median of {STEPS - SKIP} steps; "
+        f"median and range over {rounds} interleaved rounds); machine: "
         f"{results['machine']}; torch {results['torch']}; command: `{results['command']}`."
     )
     profiled = (
@@ -122,11 +135,16 @@ def main() -> None:
     table = "\n".join([
         intro,
         "",
-        "| variant | ms / step |",
-        "|---|---|",
-        f"| hand-written loop | {results['loop_ms']:.2f} |",
-        f"| zoo KD, online | {results['zoo_online_ms']:.2f} |",
-        f"| zoo KD, cached soft labels in the batch | {results['zoo_cached_ms']:.2f} |",
+        "| variant | ms / step | range |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {results[key]:.2f} | {min(per_round[key]):.2f}–{max(per_round[key]):.2f} |"
+            for key, label in [
+                ("loop_ms", "hand-written loop"),
+                ("zoo_online_ms", "zoo KD, online"),
+                ("zoo_cached_ms", "zoo KD, cached soft labels in the batch"),
+            ]
+        ),
         "",
         profiled,
     ])
