@@ -60,7 +60,10 @@ def test_g2sd_specific_predicts_the_mean_of_its_two_heads():
     torch.testing.assert_close(method(x), (z_cls + z_dist) / 2)
     trainer = fit(method)
     assert {"train/loss_ce", "train/loss_dist"} <= set(trainer.logged_metrics)
-    assert method.dist_token.grad is not None or method.dist_token.requires_grad
+
+    before = method.dist_token.detach().clone()
+    fit(method)
+    assert not torch.equal(method.dist_token.detach(), before)  # the distillation token is trained
 
 
 def test_hybrid_keeps_the_most_attended_patches_and_both_teachers_frozen():
@@ -82,3 +85,39 @@ def test_hybrid_keeps_the_most_attended_patches_and_both_teachers_frozen():
     sum(terms.values()).backward()
     for teacher in method._teacher:
         assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_hybrid_ranks_patches_by_the_teachers_real_cls_attention():
+    """Kept = top patches of the last block's CLS row, softmax over all tokens (CLS column included), head mean."""
+    method = HybridDistill(STUDENT, VIT, TEACHER, num_classes=10, in_chans=1)
+    method.train()
+    method.drop_ratio = lambda: 0.5
+    block = method.teacher.members[0].blocks[-1].attn
+    seen = {}
+    handle = block.qkv.register_forward_hook(lambda m, a, out: seen.update(qkv=out))
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, 16, 16)
+    mask = method.mask_for(x)
+    handle.remove()
+    b, t, _ = seen["qkv"].shape
+    q, k, _v = seen["qkv"].reshape(b, t, 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+    attention = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # (B, H, T, T), rows sum to 1
+    expected = attention[:, :, 0, 1:].mean(1).topk(8, dim=1).indices.sort(dim=1).values
+    assert torch.equal(mask.ids_keep, expected)
+
+
+def test_hybrid_relation_term_sums_over_layers():
+    """D_r is summed over I (the paper's Σ); ``relation_reduction='mean'`` divides by |I|."""
+    terms = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        method = HybridDistill(STUDENT, VIT, TEACHER, num_classes=10, in_chans=1, relation_reduction=reduction)
+        method.train()
+        method.drop_ratio = lambda: 0.25
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+        mask = method.mask_for(x)
+        terms[reduction] = method.pretrain_terms(x, mask, method.student_pass(x, mask))["rel"]
+    assert len(method.relation_layers) == 3
+    assert terms["sum"].item() == pytest.approx(3 * terms["mean"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="relation_reduction"):
+        HybridDistill(STUDENT, VIT, TEACHER, num_classes=10, in_chans=1, relation_reduction="max")

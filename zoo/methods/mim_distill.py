@@ -250,6 +250,8 @@ class HybridDistill(MAEPretrain):
         relation_layers: student blocks I (0-based); ``None`` = every block but the last.
         milestones, drop_ratios: the masking schedule (fractions of training and dropped fractions).
         head_reduction: see :class:`~zoo.losses.feature.HybridRelationLoss`.
+        relation_reduction: ``sum`` over the layers I (the paper's Σ, default) or ``mean`` (Σ / |I|, a β that does
+            not grow with the number of layers; what this class did before 2026-11-28).
     """
 
     requires_teacher = True
@@ -266,9 +268,12 @@ class HybridDistill(MAEPretrain):
         milestones: list[float] | None = None,
         drop_ratios: list[float] | None = None,
         head_reduction: Literal["mean", "match"] = "mean",
+        relation_reduction: Literal["sum", "mean"] = "sum",
         rec_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if relation_reduction not in ("sum", "mean"):
+            raise ValueError(f"HybridDistill.relation_reduction must be 'sum' or 'mean', got {relation_reduction!r}")
         kwargs.pop("mask_ratio", None)  # the student's mask comes from the teacher's attention, not a ratio
         super().__init__(student, teacher, rec_weight=rec_weight, mask_ratio=0.0, **kwargs)
         if isinstance(mim_teacher, nn.Module):
@@ -288,6 +293,7 @@ class HybridDistill(MAEPretrain):
         self.relation_layers = layers
         self.teacher_layers = {i: max(0, round((i + 1) * depth_m / depth_s) - 1) for i in layers}
         self.feature_weight, self.relation_weight = feature_weight, relation_weight
+        self.relation_reduction = relation_reduction
         self.schedule = ProgressiveMaskSchedule(
             milestones if milestones is not None else (0.0, 0.33, 0.66),
             drop_ratios if drop_ratios is not None else (0.0, 0.15, 0.3),
@@ -322,7 +328,9 @@ class HybridDistill(MAEPretrain):
             tokens = t_c.forward_features(self.teacher._prepare(0, x))
         logits = self._tc_qkv.pop()[len(t_c.blocks) - 1]
         prefix = getattr(t_c, "num_prefix_tokens", 1)
-        cls_attention = logits[:, :, 0, prefix:].softmax(-1)
+        # the CLS row's real attention (softmax over every token, prefix included), then its patch columns: each
+        # head's weights keep their own normaliser before the head average, as the attention the teacher applies
+        cls_attention = logits[:, :, 0].softmax(-1)[..., prefix:]
         self._tc_tokens = tokens
         n = cls_attention.shape[-1]
         keep = redundant_token_keep(cls_attention, self.drop_ratio())
@@ -345,7 +353,9 @@ class HybridDistill(MAEPretrain):
         keep = keep_with_cls(mask.ids_keep, 1)
         relation = sum(
             self.relation_loss(student_logits[i], mim_logits[self.teacher_layers[i]], keep) for i in self.relation_layers
-        ) / max(len(self.relation_layers), 1)
+        )
+        if self.relation_reduction == "mean":
+            relation = relation / max(len(self.relation_layers), 1)
         tc_keep = keep_with_cls(mask.ids_keep, getattr(t_c, "num_prefix_tokens", 1))[:, -keep.shape[1] :]
         tc_keep = torch.cat([torch.zeros_like(tc_keep[:, :1]), tc_keep[:, 1:]], dim=1)
         feature = self.feature_loss(student.latent, self._tc_tokens, tc_keep)
