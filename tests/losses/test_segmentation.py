@@ -15,6 +15,7 @@ from zoo.losses.segmentation import (
     LabelNoiser,
     MGDContentLoss,
     MGDSemanticLoss,
+    OhemCrossEntropy,
     PixelKDLoss,
     cutmix,
 )
@@ -326,3 +327,58 @@ def test_cutmix_pseudo_labels_equal_cutmix_of_labels_for_perfect_teachers():
     assert torch.equal(mixed[box], y1[box]) and torch.equal(mixed[~box], y0[~box])
     images = cutmix(torch.zeros(4, 3, 24, 24), torch.ones(4, 3, 24, 24), m)
     assert torch.equal(images, m.expand(4, 3, 24, 24))
+
+
+def ohem_reference(logits, target, thresh, min_kept, ignore=255):
+    """Float64 loop: sort the label probabilities (ignored = 1), threshold max(thresh, k-th smallest), mean −log p."""
+    z, y = logits.double(), target
+    n, c, h, w = z.shape
+    pixels = []
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                label = int(y[b, i, j])
+                row = [float(v) for v in z[b, :, i, j]]
+                m = max(row)
+                log_p = row[label] - m - math.log(sum(math.exp(v - m) for v in row)) if label != ignore else 0.0
+                pixels.append((label != ignore, math.exp(log_p), log_p))
+    valid = [p for p in pixels if p[0]]
+    if 0 < min_kept <= len(valid):
+        kth = sorted(p[1] for p in pixels)[min_kept - 1]  # ignored pixels count with probability 1
+        t = max(thresh, kth)
+        valid = [p for p in valid if p[1] <= t]
+    return -sum(p[2] for p in valid) / len(valid)
+
+
+@pytest.mark.parametrize("thresh,min_kept", [(0.7, 5), (0.3, 40), (0.05, 0), (0.7, 10_000)])
+def test_ohem_cross_entropy_golden(thresh, min_kept):
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(2, 4, 6, 5, generator=g)
+    target = torch.randint(0, 4, (2, 6, 5), generator=g)
+    target[0, :2] = 255
+    got = OhemCrossEntropy(thresh, min_kept)(logits, target)
+    assert got.item() == pytest.approx(ohem_reference(logits, target, thresh, min_kept), rel=1e-5)
+
+
+def test_ohem_cross_entropy_properties():
+    g = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(2, 5, 8, 8, generator=g)
+    target = torch.randint(0, 5, (2, 8, 8), generator=g)
+    target[1, 0] = 255
+    plain = F.cross_entropy(logits, target, ignore_index=255)
+    # threshold 1 keeps every labelled pixel; so does a min_kept above the labelled count (no mining)
+    assert OhemCrossEntropy(1.0, 10)(logits, target).item() == pytest.approx(plain.item(), rel=1e-6)
+    assert OhemCrossEntropy(0.1, 10_000)(logits, target).item() == pytest.approx(plain.item(), rel=1e-6)
+    # a tiny threshold keeps exactly the min_kept hardest pixels (distinct probabilities)
+    loss_each = F.cross_entropy(logits, target, ignore_index=255, reduction="none").flatten()
+    hardest = loss_each[target.flatten() != 255].topk(17).values.mean()
+    assert OhemCrossEntropy(1e-6, 17)(logits, target).item() == pytest.approx(hardest.item(), rel=1e-5)
+    # mining only drops easy pixels, so the loss never falls below plain CE's
+    assert OhemCrossEntropy(0.7, 17)(logits, target) >= plain - 1e-6
+    # logits at a lower resolution are resized to the labels; gradients flow; no labelled pixel gives 0
+    small = logits[:, :, ::2, ::2].clone().requires_grad_()
+    OhemCrossEntropy(0.7, 17)(small, target).backward()
+    assert small.grad.abs().sum() > 0
+    assert OhemCrossEntropy()(logits, torch.full_like(target, 255)).item() == 0.0
+    with pytest.raises(ValueError, match="thresh"):
+        OhemCrossEntropy(0.0)

@@ -71,9 +71,8 @@ def test_lad_teacher_stage_widens_the_stem_and_trains_two_paths():
     method = LADTeacher(TINY, num_classes=C, in_chans=3, aux_weight=0.0, label_scale=1.0)
     assert method.student.encoder.model.conv1[0].in_channels == 4
     x, y = batch()
-    channel = method.student_input(x, y, train=False)[:, 3]  # evaluation: fixed codes
     method.noiser.fixed_noise_std = 0.0
-    channel = method.student_input(x, y, train=False)[:, 3]
+    channel = method.student_input(x, y, train=False)[:, 3]  # evaluation: fixed codes
     for k in range(C):
         values = channel[y == k]
         assert torch.allclose(values, values[0].expand_as(values))  # constant within a class
@@ -124,6 +123,22 @@ def test_mgd_step_trains_the_student_and_leaves_bn_as_asked(teacher_bn):
     assert changed == (teacher_bn == "train")  # the official code's train-mode BN drifts the statistics
     assert all(not p.requires_grad for t in (method.teacher, method.wide_teacher) for p in t.parameters())
     assert "wide_teacher" in method.hparams and method.hparams["wide_teacher"]["init_args"]["arch"] == "Unet"
+
+
+def test_mgd_ohem_supervised_term():
+    """``sup_loss="ohem"`` (the Cityscapes scripts) swaps only the supervised term for OHEM cross-entropy."""
+    method = MGD(TINY, TINY, WIDE, num_classes=C, in_chans=3, sup_loss="ohem", ohem_thresh=0.7, ohem_min_kept=50)
+    assert (method.ohem.thresh, method.ohem.min_kept, method.ohem.ignore_index) == (0.7, 50, 255)
+    seen = []
+    forward = method.ohem.forward
+    method.ohem.forward = lambda logits, target: seen.append(forward(logits, target)) or seen[-1]
+    x, y = batch()
+    trainer().fit(method, semi_loader(x, y))
+    assert len(seen) == 1
+    assert float(method.trainer.logged_metrics["train/loss_sup"]) == pytest.approx(float(seen[0]))
+    assert MGD(TINY, TINY, WIDE, num_classes=C, in_chans=3).ohem is None
+    with pytest.raises(ValueError, match="sup_loss"):
+        MGD(TINY, TINY, WIDE, num_classes=C, in_chans=3, sup_loss="focal")
 
 
 def test_mgd_without_unlabelled_batches_says_how_to_get_them():

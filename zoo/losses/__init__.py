@@ -22,6 +22,7 @@ from zoo.losses.segmentation import (
     LabelNoiser,
     MGDContentLoss,
     MGDSemanticLoss,
+    OhemCrossEntropy,
     PixelKDLoss,
     cutmix,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "LabelNoiser",
     "MGDContentLoss",
     "MGDSemanticLoss",
+    "OhemCrossEntropy",
     "PixelKDLoss",
     "cutmix",
     "BinaryKLLoss",

@@ -1,5 +1,5 @@
 """Segmentation distillation: pixel KD, channel-wise distillation (CWD), LAD's label noiser, MGD's semantic and
-content losses, and the CutMix box masks MGD shares with CPS.
+content losses, the CutMix box masks MGD shares with CPS, and the OHEM cross-entropy MGD supervises Cityscapes with.
 
 Every loss takes (student, teacher) and treats the teacher as a fixed target: it is detached, as in the official
 codes (TorchDistiller/LAD ``CriterionCWD`` detach it; CIRKD and MGD run their teachers under ``no_grad``). Losses
@@ -22,6 +22,7 @@ __all__ = [
     "LabelNoiser",
     "MGDContentLoss",
     "MGDSemanticLoss",
+    "OhemCrossEntropy",
     "PixelKDLoss",
     "cutmix",
 ]
@@ -261,6 +262,46 @@ class MGDSemanticLoss(nn.Module):
         zs = _resize_like(_at_least_float32(student_logits), zt.shape[-2:])
         diff = (zs.mean(dim=(2, 3)) - zt.mean(dim=(2, 3))).abs()
         return diff.sum() if self.reduction == "sum" else diff.mean()
+
+
+class OhemCrossEntropy(nn.Module):
+    """Cross-entropy over the hard pixels only: online hard example mining by probability (the ``ProbOhemCrossEntropy2d``
+    of the CPS code base that MGD's Cityscapes scripts use for their supervised term, thresh 0.7, min_kept 50 000 ×
+    the per-GPU batch).
+
+    With p_i the softmax probability of pixel i's label and V the labelled (not ignored) pixels:
+
+        t = max(thresh, p_(k))          p_(k): the k-th smallest p over the batch (ignored pixels count as p = 1)
+        L = mean_{i ∈ V, p_i ≤ t} −log p_i
+
+    so every pixel the network is less than ``thresh`` sure of is kept, and at least k = ``min_kept`` pixels are.
+    As in the official code, no pixel is dropped when ``min_kept`` is 0 or exceeds |V|; the selection is made
+    without gradient. Logits are resized to the labels (bilinear) first. A batch without labelled pixels gives 0.
+    """
+
+    def __init__(self, thresh: float = 0.7, min_kept: int = 100_000, ignore_index: int = 255) -> None:
+        super().__init__()
+        if not 0.0 < thresh <= 1.0:
+            raise ValueError(f"OhemCrossEntropy.thresh must be in (0, 1], got {thresh}")
+        if min_kept < 0:
+            raise ValueError(f"OhemCrossEntropy.min_kept must be ≥ 0, got {min_kept}")
+        self.thresh, self.min_kept, self.ignore_index = float(thresh), int(min_kept), ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _resize_like(_at_least_float32(logits), target.shape[-2:])
+        valid = target != self.ignore_index
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            return logits.sum() * 0.0
+        if 0 < self.min_kept <= n_valid:
+            with torch.no_grad():
+                labels = target.masked_fill(~valid, 0)
+                prob = logits.softmax(1).gather(1, labels.unsqueeze(1)).squeeze(1).masked_fill(~valid, 1.0)
+                kth = prob.flatten().kthvalue(self.min_kept).values
+                threshold = torch.clamp(kth, min=self.thresh)
+                valid = valid & (prob <= threshold)
+            target = target.masked_fill(~valid, self.ignore_index)
+        return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
 
 
 class MGDContentLoss(nn.Module):

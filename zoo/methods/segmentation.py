@@ -25,6 +25,7 @@ from zoo.losses.segmentation import (
     LabelNoiser,
     MGDContentLoss,
     MGDSemanticLoss,
+    OhemCrossEntropy,
     PixelKDLoss,
     cutmix,
 )
@@ -455,7 +456,7 @@ class MGD(SegmentationMethod):
     region-level content loss on its decoder feature). Each step takes a labelled batch (x, y) and two unlabelled
     batches u₀, u₁ (``semi_supervised`` data), mixes ū = u₀(1−m) + u₁m with CutMix boxes m, and minimises::
 
-        CE(f_S(x), y)                                             supervised ("sup")
+        CE(f_S(x), y)  (OHEM CE with ``sup_loss="ohem"``)          supervised ("sup")
         + pixel_weight·Σ_{k∈W,D} CE(f_S(x), argmax f_k(x))         labelled pixel consistency ("pixel_l")
         + pixel_weight·Σ_{k∈W,D} CE(f_S(ū), argmax[f_k(u₀)(1−m) + f_k(u₁)m])   unlabelled ("pixel_u")
         + semantic_weight·Σ_{n,c} |GAP f_S(ū) − GAP f_D(ū)|        ("semantic")
@@ -473,6 +474,9 @@ class MGD(SegmentationMethod):
         n_boxes, box_prop_range: CutMix boxes per mask and the area fraction range of each.
         semantic_reduction: ``sum`` over batch and classes as the code, or ``mean``.
         teacher_bn: ``eval`` (frozen statistics) or ``train`` (the official code's behaviour).
+        sup_loss: ``ce`` (the VOC scripts) or ``ohem`` (:class:`~zoo.losses.OhemCrossEntropy`, the Cityscapes
+            scripts: thresh 0.7, min_kept 50 000 × the per-GPU batch); only the supervised term changes.
+        ohem_thresh, ohem_min_kept: the OHEM threshold and minimum of kept pixels per device batch.
     """
 
     student_needs = ("features",)
@@ -491,8 +495,13 @@ class MGD(SegmentationMethod):
         semantic_reduction: Literal["sum", "mean"] = "sum",
         teacher_bn: Literal["eval", "train"] = "eval",
         wide_teacher_paths: dict[str, str] | None = None,
+        sup_loss: Literal["ce", "ohem"] = "ce",
+        ohem_thresh: float = 0.7,
+        ohem_min_kept: int = 100_000,
         **kwargs: Any,
     ) -> None:
+        if sup_loss not in ("ce", "ohem"):
+            raise ValueError(f"MGD.sup_loss must be 'ce' or 'ohem', got {sup_loss!r}")
         super().__init__(student, teacher, **kwargs)
         if isinstance(wide_teacher, nn.Module):
             self.hparams.pop("wide_teacher", None)
@@ -510,6 +519,7 @@ class MGD(SegmentationMethod):
         self.mask_generator = BoxMaskGenerator(n_boxes=n_boxes, prop_range=tuple(box_prop_range))
         self.semantic_loss = MGDSemanticLoss(reduction=semantic_reduction)
         self.content_loss = MGDContentLoss()
+        self.ohem = OhemCrossEntropy(ohem_thresh, ohem_min_kept, self.ignore_index) if sup_loss == "ohem" else None
 
     @property
     def wide_teacher(self) -> Teacher:
@@ -559,7 +569,7 @@ class MGD(SegmentationMethod):
         s_u = self.forward_student(u_mix)
         logits_x, logits_u = s_x.logits, s_u.logits
         terms = {
-            "sup": self.ce(logits_x, y),
+            "sup": self.ce(logits_x, y) if self.ohem is None else self.ohem(logits_x, y),
             "pixel_l": self.pixel_weight * (F.cross_entropy(logits_x, label_w) + F.cross_entropy(logits_x, label_d)),
             "pixel_u": self.pixel_weight * (F.cross_entropy(logits_u, pseudo_w) + F.cross_entropy(logits_u, pseudo_d)),
             "semantic": self.semantic_weight * self.semantic_loss(logits_u, deep_mix),
