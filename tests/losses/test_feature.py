@@ -159,7 +159,8 @@ def test_g2sd_head_defaults_and_official_init():
     assert shapes == [(512, 256), (512, 512)]
     assert all(m.bias.abs().sum() == 0 for m in loss.head.modules() if isinstance(m, nn.Linear))
     bound = math.sqrt(6 / (256 + 512))  # xavier-uniform bound of the first layer
-    assert loss.head[0].weight.abs().max() <= bound
+    # xavier-uniform, not PyTorch's default (kaiming-uniform a=√5, whose bound is 1/√fan_in = 1/16)
+    assert 1 / 16 < loss.head[0].weight.abs().max() <= bound
     assert [tuple(m.weight.shape) for m in G2SDDecoderLoss(4, 6, hidden=9).head if isinstance(m, nn.Linear)] == [
         (9, 4),
         (6, 9),
@@ -181,7 +182,10 @@ def test_g2sd_masked_only_variant_ignores_visible_tokens_and_cls():
     h_s2 = torch.where(visible[..., None], rand(2, 5, 4, seed=7), h_s)
     h_t2 = torch.where(visible[..., None], rand(2, 5, 6, seed=8), h_t)
     assert loss(h_s2, h_t2, patch_mask).item() == pytest.approx(got.item(), rel=1e-6)
-    assert G2SDDecoderLoss(4, 6)(h_s2, h_t2).item() != pytest.approx(G2SDDecoderLoss(4, 6)(h_s, h_t).item())
+    # ... while supervising every token (the default), with the same head, sees the change
+    every = G2SDDecoderLoss(4, 6)
+    every.head.load_state_dict(loss.head.state_dict())
+    assert every(h_s2, h_t2).item() != pytest.approx(every(h_s, h_t).item())
 
 
 def test_g2sd_masked_only_needs_a_mask_and_handles_an_empty_one():
