@@ -12,6 +12,10 @@ token, hard labels from the ViT teacher). Top-1 is measured on the held-out test
 Run from the repository root:
     python benchmarks/feature_distillation_digits.py               # 3 seeds, about 15 min on 2 CPU cores
     python benchmarks/feature_distillation_digits.py --seeds 1
+    python benchmarks/feature_distillation_digits.py --students hybrid   # rerun one row, keep the others
+
+Rows of a later command replace the same rows of an earlier one (the results file lists every command). The teachers
+are trained again by every command, with the same seed.
 """
 
 from __future__ import annotations
@@ -76,7 +80,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
     args = parser.parse_args()
-    results: dict = {"teachers": {}, "students": {}}
+    previous = RESULTS / "feature_distillation_digits.json"
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    results: dict = {"teachers": {}, "students": earlier.get("students", {})}
     teacher = fit("mae_teacher", 0, ["--trainer.limit_val_batches=0"], test=False)
     results["teachers"]["mae_teacher"] = teacher
     results["teachers"]["vit_teacher"] = fit("vit_teacher", 0)
@@ -92,6 +98,9 @@ def main() -> None:
         results["students"][student] = runs
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     results["command"] = "python benchmarks/feature_distillation_digits.py " + " ".join(sys.argv[1:])
+    results["commands"] = [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []),
+                           results["command"]]
+    results["students"] = {k: results["students"][k] for k in STUDENTS if k in results["students"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "feature_distillation_digits.json").write_text(json.dumps(results, indent=2))
     table = render(results, args.seeds)
@@ -107,7 +116,11 @@ def render(results: dict, seeds: int) -> str:
             f"seeds) of a linear probe and of fine-tuning (20 epochs each). ViT teacher (fine-tuned MAE teacher): "
             f"{100 * vit:.2f}."
         ),
-        f"Command: `{results['command']}`; machine: {results['machine']}.",
+        (
+            "Commands (rows of a later command replace the same rows of an earlier one): "
+            + "; ".join(f"`{c.strip()}`" for c in results["commands"])
+            + f"; machine: {results['machine']}."
+        ),
         "",
         "| student | linear probe | fine-tune | G2SD specific stage | pre-training ms / step |",
         "|---|---|---|---|---|",
