@@ -39,6 +39,11 @@ setting() {  # setting TAG ARGS...: one throughput_kd.py run, skipped when ONLY 
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$tag,"* ]]; then return; fi
   python3 benchmarks/throughput_kd.py "${COMMON[@]}" "$@" --tag "gpu_$tag"; save
 }
+# The test suite's CUDA-only checks (skipped on the CPU-only CI machine; a few seconds): ONLY=checks runs them alone.
+if [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",checks,"* ]]; then
+  python3 -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/dataset_distillation/test_augment.py 2>&1 | tail -3 \
+    || echo "GPU checks: failed or pytest unavailable (see above)"
+fi
 setting fp32 "${NOMEM[@]}" --precision fp32 --variants zoo_kd torchdistill loop_kd student
 setting bf16_cl "${NOMEM[@]}" --precision bf16-mixed --channels-last \
   --variants zoo_kd torchdistill loop_kd student zoo_kd_cached_mem

@@ -14,7 +14,9 @@ Times measured on this project's 2-core CPU machine: the first 8 variants took a
 (``--variants experts50 iters2000 experts50_iters2000 datm_experts50_iters2000``, three of them at 2000 iterations)
 took 47 min while other jobs shared the cores.
 
-Results: benchmarks/results/mtt_digits_variants.{json,md}.
+Results: benchmarks/results/mtt_digits_variants.{json,md}. They were measured before 2026-11-28 with the earlier
+evaluation loop (``eval_epochs`` passes, momentum kept at the lr decay; now ``eval_epochs + 1`` passes and a fresh
+optimizer at the decay, as MTT's ``evaluate_synset``) and have not been rerun since.
 """
 
 from __future__ import annotations

@@ -253,3 +253,15 @@ def test_zca_before_fit_raises_clear_error(tmp_path):
     zca.fit(_correlated(20))
     with pytest.raises(ValueError, match="12 values"):
         zca(torch.randn(2, 3, 4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_zca_on_the_gpu_whitens_images_from_the_cpu():
+    """A Lightning run moves the fitted module to the GPU; test images and grids arrive on the CPU."""
+    x = torch.rand(20, 1, 4, 4)
+    zca = ZCAWhitening().fit(x)
+    expected = zca(x)
+    zca.cuda()
+    torch.testing.assert_close(zca(x), expected)
+    torch.testing.assert_close(zca.inverse(zca(x)), x, atol=1e-4, rtol=1e-4)
+    assert zca(x.cuda()).is_cuda

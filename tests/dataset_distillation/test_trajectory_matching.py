@@ -96,6 +96,21 @@ def test_datm_initialises_soft_labels_from_experts_that_are_right(buffers, real)
     assert (module.label_logits.argmax(-1) == module.hard_labels).float().mean() >= 0.9
     low, high = make(DATM, buffers["experts"], real, max_start_epoch=6, current_max_start_epoch=3).start_window()
     assert (low, high) == (0, 3)  # sequential generation starts at cur_max
+    # the exact initial values: mean logits of the experts that are right ("correct") ...
+    logits = [
+        functional_forward(module.net, module.layout, module._trajectory(k).params[-1], module.images.detach())
+        for k in range(len(module._buffer))
+    ]
+    right = [(z.argmax(-1) == module.hard_labels).float()[:, None] for z in logits]
+    mean_right = sum(z * r for z, r in zip(logits, right)) / sum(right).clamp_min(1)
+    has_right = sum(right) > 0
+    torch.testing.assert_close(module.label_logits.detach()[has_right[:, 0]], mean_right[has_right[:, 0]])
+    # ... and expert 0's logits, unfiltered, for real images (DATM.py's pix_init == "real" branch)
+    plain = make(DATM, buffers["experts"], real, pix_init="real")
+    expected = functional_forward(plain.net, plain.layout, plain._trajectory(0).params[-1], plain.images.detach())
+    torch.testing.assert_close(plain.label_logits.detach(), expected)
+    hp = DATM(NETWORK, str(buffers["experts"]), num_classes=10, in_chans=1).hparams  # utils/cfg.py and configs
+    assert (hp.current_max_start_epoch, hp.expansion_end_iteration, hp.eval_batch_size) == (20, 3000, 128)
 
 
 def test_ast_perturbs_only_conv_weights_relative_to_their_size(buffers, real):
@@ -321,3 +336,36 @@ def test_published_set_is_a_wandb_dataset_artifact(buffers, tmp_path, monkeypatc
     # the offline run log stores each artifact record as (..., type, name, ...) in protobuf, strings verbatim
     log = next((tmp_path / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     assert re.search(rb"dataset\*.toy-mtt", log) and not re.search(rb"model\*.toy-mtt", log)
+
+
+def test_evaluation_loop_follows_evaluate_synset(monkeypatch):
+    """MTT's loop: epochs + 1 passes; after pass epochs//2 + 1 the lr drops ×0.1 in a new optimizer (momentum restarts)."""
+    from zoo.dataset_distillation.evaluate import train_on_set
+
+    seen = []
+    step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        param = self.param_groups[0]["params"][0]
+        seen.append((self.param_groups[0]["lr"], "momentum_buffer" in self.state.get(param, {})))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    train_on_set(torch.nn.Linear(3, 2), torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), lr=0.5, epochs=4, batch_size=4)
+    assert seen == [(0.5, False), (0.5, True), (0.5, True), (0.5, True), (pytest.approx(0.05), False)]
+
+
+def test_every_distillation_config_has_an_experts_config_long_enough():
+    """Each config's start window fits the experts its buffer_dir holds (setup would refuse it at run time)."""
+    experts, runs = {}, []
+    for path in sorted((ROOT / "configs" / "dataset_distillation").rglob("*.yaml")):
+        args = yaml.safe_load(path.read_text()).get("model", {}).get("init_args", {})
+        if "train_epochs" in args:
+            experts[args["buffer_dir"]] = args["train_epochs"]
+        elif "max_start_epoch" in args:
+            runs.append((path.name, path.parent.name, args))
+    assert len(runs) >= 20
+    for name, folder, args in runs:
+        needed = args["max_start_epoch"] - 1 + args.get("expert_epochs", 2)
+        assert args["buffer_dir"] in experts, f"{folder}/{name}: no experts config writes {args['buffer_dir']}"
+        assert experts[args["buffer_dir"]] >= needed, f"{folder}/{name} needs {needed} expert epochs"

@@ -367,14 +367,15 @@ class ZCAWhitening(nn.Module):
         return x.reshape(x.shape[0], d)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(x − μ)·W per image; the output has the shape of ``x``."""
+        """(x − μ)·W per image; the output has the shape, dtype and device of ``x`` (wherever the module is: a
+        Lightning run moves it to the GPU while test images are collected on the CPU)."""
         flat = self._flat(x, "forward")
-        return ((flat - self.mean.to(flat.dtype)) @ self.matrix.to(flat.dtype)).reshape(x.shape)
+        return ((flat - self.mean.to(flat)) @ self.matrix.to(flat)).reshape(x.shape)
 
     def inverse(self, x: Tensor) -> Tensor:
         """z·W⁻¹ + μ: maps whitened images back to the input space (for viewing and saving synthetic images)."""
         flat = self._flat(x, "inverse")
-        return torch.addmm(self.mean.to(flat.dtype), flat, self.inverse_matrix.to(flat.dtype)).reshape(x.shape)
+        return torch.addmm(self.mean.to(flat), flat, self.inverse_matrix.to(flat)).reshape(x.shape)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The buffers are empty until fit; take the stored shapes so an unfitted module can load a fitted one.

@@ -1,8 +1,10 @@
 """The evaluation protocol of trajectory matching: train fresh networks on a (synthetic) set, test on real data.
 
-MTT's ``utils.evaluate_synset``: a fresh, randomly initialised network trains on (S, y) for ``epochs`` epochs with
-SGD (momentum 0.9, weight decay 5e-4) at the *learned* learning rate α, divided by 10 after half the epochs, batch
-256 shuffled, DSA on every batch; the final network's test accuracy is reported (no selection on the test set,
+MTT's ``utils.evaluate_synset``: a fresh, randomly initialised network trains on (S, y) with SGD (momentum 0.9,
+weight decay 5e-4) at the *learned* learning rate α, batch 256 shuffled, DSA on every batch. Its loop runs
+``epochs + 1`` times (1001 for "1000 epochs"); after pass ``epochs // 2 + 1`` the lr is divided by 10 and the
+optimizer is rebuilt, so the momentum restarts (502 passes at α, 499 at α/10). The final network's test accuracy is
+reported (no selection on the test set,
 unlike AST's code, which returns the best test accuracy seen during training). Soft labels (DATM) are trained with
 soft cross-entropy −Σ_k softmax(ℓ)_k log softmax(f(x))_k. The random-real baseline runs the same protocol on random
 real images with hard labels and a fixed lr.
@@ -40,15 +42,18 @@ def train_on_set(
     augment: Callable[[Tensor], Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> nn.Module:
-    """Trains ``model`` on (images, labels) with MTT's evaluation recipe; returns it in eval mode."""
+    """Trains ``model`` on (images, labels) with MTT's evaluation recipe; returns it in eval mode.
+
+    As ``evaluate_synset``: ``epochs + 1`` passes over the set; after pass ``epochs // 2 + 1`` the lr drops ×0.1 in a
+    new optimizer (momentum restarts).
+    """
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    decay_at = epochs // 2 + 1  # MTT: lr × 0.1 after epoch epochs//2 (its loop runs epochs + 1 times)
+    decay_after = epochs // 2 + 1
     n = len(images)
-    for epoch in range(epochs):
-        if epoch == decay_at:
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.1
+    for epoch in range(epochs + 1):
+        if epoch == decay_after + 1:
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=momentum, weight_decay=weight_decay)
         order = torch.randperm(n, generator=generator).to(images.device)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]

@@ -270,7 +270,11 @@ class TrajectoryMatching(L.LightningModule):
         return torch.tensor(picks, dtype=torch.long)
 
     def _initial_label_logits(self, syn: Tensor) -> Tensor:
-        """DATM: per image, the mean logits of the experts (last checkpoint) that classify it correctly."""
+        """DATM: per image, the mean logits of the experts (last checkpoint) that classify it correctly when the
+        images were chosen that way (``pix_init="correct"``), else expert 0's last-checkpoint logits, unfiltered
+        (``DATM.py``'s ``pix_init == "real"`` branch)."""
+        if self.hparams.pix_init != "correct":
+            return self._expert_logits(self._trajectory(0), syn).float()
         total = torch.zeros(len(syn), self.num_classes)
         count = torch.zeros(len(syn), 1)
         fallback = None
@@ -531,10 +535,13 @@ class MTT(TrajectoryMatching):
 class DATM(TrajectoryMatching):
     """Difficulty-Aligned Trajectory Matching (Guo et al., ICLR'24; NUS-HPC-AI-Lab/DATM ``distill/DATM.py``).
 
-    MTT plus: learnable soft labels initialised from the experts' logits (only experts that classify the image
-    correctly), images that the experts classify correctly as initialisation, a start window [min, max) that
-    follows IPC, sequential generation (on by default, as ``utils/cfg.py``) and skipping iterations whose loss
-    exceeds ``loss_threshold`` (1.0).
+    MTT plus: learnable soft labels initialised from the experts' logits, images that the experts classify
+    correctly as initialisation, a start window [min, max) that follows IPC, sequential generation (on by default,
+    as ``utils/cfg.py``) and skipping iterations whose loss exceeds ``loss_threshold`` (1.0). The soft labels start
+    as the mean logits of the experts that classify the image correctly (``pix_init="correct"``, the code's
+    ``samples_predicted_correctly``) or as expert 0's last-checkpoint logits otherwise (the code's ``real`` branch).
+    Defaults follow ``utils/cfg.py`` and the official configs: cur 20, E 3000 for sequential generation, and
+    evaluation batches of 128 (every config's ``batch_train``).
     """
 
     def __init__(
@@ -548,11 +555,16 @@ class DATM(TrajectoryMatching):
         pix_init: Literal["real", "noise", "correct", "kmeans"] = "correct",
         loss_threshold: float | None = 1.0,
         sequential_generation: bool = True,
+        current_max_start_epoch: int | None = 20,
+        expansion_end_iteration: int = 3000,
+        eval_batch_size: int = 128,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             network, buffer_dir, num_classes, in_chans, soft_labels=soft_labels, pix_init=pix_init,
-            loss_threshold=loss_threshold, sequential_generation=sequential_generation, **kwargs,
+            loss_threshold=loss_threshold, sequential_generation=sequential_generation,
+            current_max_start_epoch=current_max_start_epoch, expansion_end_iteration=expansion_end_iteration,
+            eval_batch_size=eval_batch_size, **kwargs,
         )
 
 
