@@ -106,6 +106,27 @@ def test_trajectory_file_round_trip_is_atomic(tmp_path):
         save_trajectory(path, torch.zeros(4, 3), loaded.layout)
 
 
+def test_lazy_trajectory_reads_single_snapshots_from_the_file(tmp_path):
+    """Distillation's experts: rows come from the memory-mapped file on demand, equal to the eager load."""
+    import pickle
+
+    from zoo.dataset_distillation.buffer import LazyParams, TrajectoryBuffer
+
+    net = tiny_net()
+    trajectory = _write(tmp_path / "buf" / "expert_0000.safetensors", net, epochs=3, lr=0.02)
+    lazy = TrajectoryBuffer(tmp_path / "buf").load(0, lazy=True)
+    assert isinstance(lazy.params, LazyParams)
+    assert lazy.num_epochs == 3 and lazy.params.shape == trajectory.shape and lazy.metadata["lr"] == 0.02
+    for e in (0, 2, 3, -1):
+        torch.testing.assert_close(lazy.params[e], trajectory[e])
+    with pytest.raises(IndexError, match="out of range"):
+        lazy.params[4]
+    with pytest.raises(TypeError, match="int"):
+        lazy.params[0:2]
+    again = pickle.loads(pickle.dumps(lazy.params))  # no open handle travels (spawned workers, deep copies)
+    torch.testing.assert_close(again[1], trajectory[1])
+
+
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def broken(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")

@@ -68,6 +68,7 @@ def test_loss_is_exactly_zero_when_the_student_lands_on_the_target(buffers, real
     module = make(MTT, buffers["experts"], real, syn_steps=1)
     module._batches = lambda steps: [torch.arange(len(module.images))] * steps  # a fixed batch order
     trajectory = module._trajectory(0)
+    assert type(trajectory.params).__name__ == "LazyParams"  # snapshots are read from the file on demand
     start = trajectory.params[1]
     w = start.clone().requires_grad_(True)
     loss = soft_cross_entropy(functional_forward(module.net, module.layout, w, module.images), module.hard_labels)

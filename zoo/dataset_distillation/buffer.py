@@ -33,6 +33,7 @@ from zoo.dataset_distillation.functional import ParamLayout
 
 __all__ = [
     "FORMAT",
+    "LazyParams",
     "Trajectory",
     "TrajectoryBuffer",
     "TrajectoryHeader",
@@ -67,11 +68,45 @@ class TrajectoryHeader:
         return self.shape[0] - 1
 
 
+class LazyParams:
+    """A trajectory's (E + 1, P) snapshots read row by row from its memory-mapped file: ``rows[e]`` reads only row e.
+
+    Distillation needs two to M + 1 snapshots of one expert per iteration, so a buffer of many experts costs disk
+    reads, not RAM (100 CIFAR-100 ConvNet-3 experts × 101 snapshots would be about 20 GB in memory).
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], device: str | torch.device = "cpu") -> None:
+        self.path, self._shape, self.device = Path(path), (int(shape[0]), int(shape[1])), str(device)
+        self._handle: Any = None
+        self._rows: Any = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._shape)
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+    def __getitem__(self, e: int) -> Tensor:
+        if isinstance(e, bool) or not isinstance(e, int):
+            raise TypeError(f"LazyParams: index one snapshot with an int, got {type(e).__name__}")
+        if not -self._shape[0] <= e < self._shape[0]:
+            raise IndexError(f"LazyParams: snapshot {e} out of range ({self.path} holds {self._shape[0]})")
+        if self._rows is None:
+            self._handle = safe_open(str(self.path), framework="pt", device=self.device)
+            self._rows = self._handle.get_slice("trajectory")
+        return self._rows[e]
+
+    def __getstate__(self) -> dict[str, Any]:  # the file handle stays behind (reopened on first use)
+        return {**self.__dict__, "_handle": None, "_rows": None}
+
+
 @dataclass
 class Trajectory:
-    """One expert: ``params[e]`` is the flat parameter vector after e epochs (``params[0]``: the initialisation)."""
+    """One expert: ``params[e]`` is the flat parameter vector after e epochs (``params[0]``: the initialisation);
+    a tensor, or :class:`LazyParams` for ``TrajectoryBuffer.load(..., lazy=True)``."""
 
-    params: Tensor
+    params: Tensor | LazyParams
     layout: ParamLayout
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -209,9 +244,13 @@ class TrajectoryBuffer:
         """The number of epochs every expert has (the minimum over the files)."""
         return min(h.num_epochs for h in self.headers)
 
-    def load(self, i: int, device: str | torch.device = "cpu") -> Trajectory:
+    def load(self, i: int, device: str | torch.device = "cpu", lazy: bool = False) -> Trajectory:
+        """Expert ``i``; ``lazy=True`` reads its snapshots from the file only when indexed (:class:`LazyParams`)."""
         if not 0 <= i < len(self):
             raise IndexError(f"TrajectoryBuffer: expert {i} out of range (the buffer holds {len(self)})")
+        if lazy:
+            header = self.headers[i]
+            return Trajectory(LazyParams(header.path, header.shape, device), header.layout, header.metadata, header.path)
         if i in self._loaded:
             return self._loaded[i]
         trajectory = load_trajectory(self.files[i], device=device)

@@ -287,8 +287,9 @@ class TrajectoryMatching(L.LightningModule):
         return torch.where(count > 0, total / count.clamp_min(1), fallback)
 
     def _trajectory(self, k: int) -> Trajectory:
+        """Expert ``k`` with its snapshots read from the file on demand (a buffer never has to fit in RAM)."""
         if k not in self._cache:
-            self._cache[k] = self._buffer.load(k)
+            self._cache[k] = self._buffer.load(k, lazy=True)
         return self._cache[k]
 
     # ------------------------------------------------------------------------------------------- optimisation
