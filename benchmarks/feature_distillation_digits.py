@@ -98,17 +98,18 @@ def main() -> None:
         results["students"][student] = runs
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
     results["command"] = "python benchmarks/feature_distillation_digits.py " + " ".join(sys.argv[1:])
-    results["commands"] = [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []),
-                           results["command"]]
+    commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+    results["commands"] = commands if commands[-1:] == [results["command"]] else [*commands, results["command"]]
     results["students"] = {k: results["students"][k] for k in STUDENTS if k in results["students"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "feature_distillation_digits.json").write_text(json.dumps(results, indent=2))
-    table = render(results, args.seeds)
+    seeds = {len(runs) for runs in results["students"].values()}
+    table = render(results, seeds.pop() if len(seeds) == 1 else "per-row")
     (RESULTS / "feature_distillation_digits.md").write_text(table)
     print(table)
 
 
-def render(results: dict, seeds: int) -> str:
+def render(results: dict, seeds: int | str) -> str:
     vit = results["teachers"]["vit_teacher"]["test_acc"]
     lines = [
         (

@@ -119,5 +119,16 @@ def test_hybrid_relation_term_sums_over_layers():
         terms[reduction] = method.pretrain_terms(x, mask, method.student_pass(x, mask))["rel"]
     assert len(method.relation_layers) == 3
     assert terms["sum"].item() == pytest.approx(3 * terms["mean"].item(), rel=1e-5)
+    # the sum is the three single-layer terms added up (each from its own method, same mask and weights)
+    single = []
+    for layer in range(3):
+        torch.manual_seed(0)
+        one = HybridDistill(STUDENT, VIT, TEACHER, num_classes=10, in_chans=1, relation_layers=[layer])
+        one.train()
+        one.drop_ratio = lambda: 0.25
+        x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+        mask = one.mask_for(x)
+        single.append(one.pretrain_terms(x, mask, one.student_pass(x, mask))["rel"].item())
+    assert len(set(single)) == 3 and terms["sum"].item() == pytest.approx(sum(single), rel=1e-5)
     with pytest.raises(ValueError, match="relation_reduction"):
         HybridDistill(STUDENT, VIT, TEACHER, num_classes=10, in_chans=1, relation_reduction="max")

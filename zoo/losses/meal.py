@@ -30,7 +30,8 @@ class LogitDiscriminator(nn.Sequential):
     C → h1 → h2 → 2 with h1 = max(C // 8, min_hidden) and h2 = max(h1 // 8, min_hidden), and a ReLU after *every*
     layer, the last one included, as in the official code. ``min_hidden`` is our addition: the official widths
     reach 0 for C < 64 (C = 10: 1 and 0). The default floor 1 changes only a 0, so ImageNet (1000 → 125 → 15 → 2)
-    and CIFAR-100 (100 → 12 → 1 → 2) keep the official widths; the spec's digits prototype used C → 5 → 2 → 2.
+    and CIFAR-100 (100 → 12 → 1 → 2) keep the official widths. The digits config's floor 5 gives 10 → 5 → 5 → 2 (the
+    spec's prototype used 10 → 5 → 2 → 2, which no single floor gives).
     """
 
     def __init__(self, num_classes: int, min_hidden: int = 1) -> None:

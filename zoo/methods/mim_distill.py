@@ -251,7 +251,8 @@ class HybridDistill(MAEPretrain):
         milestones, drop_ratios: the masking schedule (fractions of training and dropped fractions).
         head_reduction: see :class:`~zoo.losses.feature.HybridRelationLoss`.
         relation_reduction: ``sum`` over the layers I (the paper's Σ, default) or ``mean`` (Σ / |I|, a β that does
-            not grow with the number of layers; what this class did before 2026-11-28).
+            not grow with the number of layers; what this class did before 2026-11-28: a checkpoint from then
+            resumes with ``sum`` unless ``relation_reduction: mean`` is given).
     """
 
     requires_teacher = True
