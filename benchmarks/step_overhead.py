@@ -5,7 +5,8 @@ Teacher and student are a 3→4 channel conv, a pooling and a linear layer (abou
 card's work. Each variant runs ``--rounds`` times, interleaved with the others (this machine's timings drift by tens of
 per cent between runs); a round's time is its median step, and the table gives the median round and the range. Variants: the hand-written KD loop, the zoo's ``KD`` online (teacher on the batch) and cached (the
 batch carries stored top-10 probabilities, as a cached soft-label data set yields them). Then a cProfile of the
-online zoo step gives the share of Lightning's ``self.log``.
+online zoo step gives the share of Lightning's ``self.log``, and ``timeit`` the step's training accuracy (100-class
+``MetricCollection``) called as ``forward()`` against ``update()``, which the zoo uses since it logs per epoch only.
 
     python benchmarks/step_overhead.py [--rounds 5]     # about 1 min
 
@@ -86,6 +87,23 @@ def zoo_ms(batch, steps: int = STEPS) -> float:
     return 1000 * statistics.median(b - a for a, b in zip(ends[SKIP:], ends[SKIP + 1:]))
 
 
+def metric_ms(rounds: int) -> dict[str, list[float]]:
+    """ms per call of the training accuracy's forward() and update() on (8, 100) logits, ``rounds`` timeit rounds."""
+    import timeit
+
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+
+    metric = MetricCollection({"acc": MulticlassAccuracy(100, average="micro")}, prefix="train/")
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(8, 100, generator=g), torch.randint(0, 100, (8,), generator=g)
+    out: dict[str, list[float]] = {"forward": [], "update": []}
+    for _ in range(rounds):
+        out["forward"].append(1000 * min(timeit.repeat(lambda: metric(z, y), number=200, repeat=5)) / 200)
+        out["update"].append(1000 * min(timeit.repeat(lambda: metric.update(z, y), number=200, repeat=5)) / 200)
+    return out
+
+
 def main() -> None:
     import argparse
 
@@ -117,6 +135,9 @@ def main() -> None:
     results["self_log_calls_per_step"] = log[1] / step[1]
     results["self_log_ms_per_call_profiled"] = 1000 * log[3] / log[1]
     results["training_step_ms_profiled"] = 1000 * step[3] / step[1]
+    metric = metric_ms(rounds)
+    results["train_metric_forward_ms"] = statistics.median(metric["forward"])
+    results["train_metric_update_ms"] = statistics.median(metric["update"])
     results["machine"] = f"{platform.processor() or platform.machine()} CPU, 1 thread"
     results["torch"] = torch.__version__
     results["command"] = "python benchmarks/step_overhead.py" + (f" --rounds {rounds}" if rounds != 5 else "")
@@ -147,6 +168,11 @@ def main() -> None:
         ),
         "",
         profiled,
+        "",
+        (
+            f"Training accuracy per step (timeit, median of {rounds} rounds): `forward()` "
+            f"{results['train_metric_forward_ms']:.3f} ms, `update()` {results['train_metric_update_ms']:.3f} ms."
+        ),
     ])
     (RESULTS / "step_overhead.md").write_text(table + "\n")
     print(table)

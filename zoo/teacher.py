@@ -13,6 +13,7 @@ teacher and the student alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -309,13 +310,19 @@ class Teacher(nn.Module):
         return [member(self._prepare(i, x)) for i, member in enumerate(self.members)]
 
     def combine(self, logits: Sequence[Tensor]) -> Tensor:
+        """One member's logits as they are; an ensemble's mean logit (``logit``) or log p̄ (``prob``)."""
         if len(logits) == 1:
             return logits[0]
-        stacked = torch.stack([z.float() for z in logits])
         if self.ensemble == "logit":
-            return stacked.mean(0)
-        # log of the mean probability, computed stably: logsumexp_k log_softmax(z_k) − log K
-        return torch.logsumexp(stacked.log_softmax(-1), dim=0) - torch.log(torch.tensor(float(len(logits))))
+            return torch.stack([z.float() for z in logits]).mean(0)
+        return self.log_mean_prob(logits)
+
+    @staticmethod
+    def log_mean_prob(logits: Sequence[Tensor]) -> Tensor:
+        """log p̄ with p̄ = (1/K)·Σ_k softmax(z_k), computed stably: logsumexp_k log_softmax(z_k) − log K (float32;
+        for K = 1 it is log_softmax(z), a distribution, where ``combine`` keeps the raw logits)."""
+        stacked = torch.stack([z.float() for z in logits])
+        return torch.logsumexp(stacked.log_softmax(-1), dim=0) - math.log(len(logits))
 
     def describe(self) -> str:
         names = self.names

@@ -277,6 +277,7 @@ class OhemCrossEntropy(nn.Module):
     so every pixel the network is less than ``thresh`` sure of is kept, and at least k = ``min_kept`` pixels are.
     As in the official code, no pixel is dropped when ``min_kept`` is 0 or exceeds |V|; the selection is made
     without gradient. Logits are resized to the labels (bilinear) first. A batch without labelled pixels gives 0.
+    Nothing is read back to the host (the |V| ≥ k test stays a tensor), so the step keeps the device busy.
     """
 
     def __init__(self, thresh: float = 0.7, min_kept: int = 100_000, ignore_index: int = 255) -> None:
@@ -290,18 +291,15 @@ class OhemCrossEntropy(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits = _resize_like(_at_least_float32(logits), target.shape[-2:])
         valid = target != self.ignore_index
-        n_valid = int(valid.sum())
-        if n_valid == 0:
-            return logits.sum() * 0.0
-        if 0 < self.min_kept <= n_valid:
+        log_p = logits.log_softmax(1).gather(1, target.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+        keep = valid
+        if self.min_kept > 0:
             with torch.no_grad():
-                labels = target.masked_fill(~valid, 0)
-                prob = logits.softmax(1).gather(1, labels.unsqueeze(1)).squeeze(1).masked_fill(~valid, 1.0)
-                kth = prob.flatten().kthvalue(self.min_kept).values
-                threshold = torch.clamp(kth, min=self.thresh)
-                valid = valid & (prob <= threshold)
-            target = target.masked_fill(~valid, self.ignore_index)
-        return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+                prob = log_p.exp().masked_fill(~valid, 1.0)
+                kth = prob.flatten().kthvalue(min(self.min_kept, prob.numel())).values
+                mined = valid & (prob <= torch.clamp(kth, min=self.thresh))
+                keep = torch.where(valid.sum() >= self.min_kept, mined, valid)
+        return -(log_p * keep).sum() / keep.sum().clamp_min(1)
 
 
 class MGDContentLoss(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -61,9 +60,9 @@ class MEALV2(DistillationMethod):
     def forward_teacher(self, x: Tensor) -> Outputs:
         """``logits`` carries log p̄ (what ``SoftCrossEntropy`` takes), for one teacher as for K; ``mean_logits``
         carries z̄^t for the discriminator. ``Teacher.combine`` is not used: for one member it returns raw logits."""
-        members = torch.stack([z.float() for z in self.teacher.member_logits(x)])
-        log_mean_prob = torch.logsumexp(members.log_softmax(-1), dim=0) - math.log(members.shape[0])
-        return Outputs(log_mean_prob, {"mean_logits": members.mean(0)})
+        members = self.teacher.member_logits(x)
+        mean_logits = torch.stack([z.float() for z in members]).mean(0)
+        return Outputs(self.teacher.log_mean_prob(members), {"mean_logits": mean_logits})
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         terms = {"sim": self.similarity(student.logits, teacher.logits)}
