@@ -101,3 +101,13 @@ def test_digits_long_tailed_training_split():
     assert np.bincount(part["test"][1].numpy(), minlength=10).min() >= 35  # test stays balanced
     with pytest.raises(ValueError, match="imbalance_ratio"):
         DigitsDataModule(imbalance_ratio=0.5)
+
+
+def test_drop_last_option_of_the_training_loader():
+    from zoo.data import DigitsDataModule
+
+    for drop_last, steps in ((True, 8), (False, 9)):
+        dm = DigitsDataModule(image_size=8, augment=False, batch_size=128, drop_last=drop_last)
+        dm.setup("fit")
+        assert len(dm.train_set) == 1077 and len(dm.train_dataloader()) == steps
+        assert len(dm.val_dataloader()) == 2  # evaluation never drops: 360 images at eval batch 256

@@ -241,6 +241,21 @@ def test_experts_train_save_and_resume(tmp_path, monkeypatch):
     # files of another configuration are refused, naming the file and the field
     with pytest.raises(ValueError, match=r"expert_0000\.safetensors: exists with lr = 0\.02, this run has 0\.05"):
         _fit(buffer_dir, tmp_path, "--model.init_args.lr=0.05")
+    assert experts[0].metadata["drop_last"] is False and experts[0].metadata["batch_size"] == 128
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: exists with drop_last = False, this run has True"):
+        _fit(buffer_dir, tmp_path, "--data.init_args.drop_last=true")
+
+
+def test_experts_keep_the_last_partial_batch_as_the_official_buffer_does(tmp_path, monkeypatch):
+    """1077 digits training images at batch 128: 9 steps per epoch (buffer.py's loader), not 8."""
+    monkeypatch.chdir(ROOT)
+    args = ["--model.init_args.num_experts=1", "--model.init_args.train_epochs=1", "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1.0"]
+    cli = _fit(tmp_path / "keep", tmp_path, *args)
+    assert len(cli.datamodule.train_set) == 1077 and cli.trainer.global_step == 9
+    with pytest.warns(UserWarning, match="drop_last: false to match"):
+        cli = _fit(tmp_path / "drop", tmp_path, *args, "--data.init_args.drop_last=true")
+    assert cli.trainer.global_step == 8
 
 
 def test_max_epochs_must_match_and_smooth_zca_experts_are_saved(tmp_path, monkeypatch):

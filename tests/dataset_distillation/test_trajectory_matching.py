@@ -254,6 +254,11 @@ def test_distilled_set_trains_a_zoo_method(buffers, tmp_path, monkeypatch):
                        "--summary.enabled=false"])
     assert cli.trainer.global_step == 2 and "val/acc" in cli.trainer.logged_metrics
     assert isinstance(cli.datamodule, DistilledDataModule) and cli.datamodule.num_classes == 10
+    # every synthetic image is trained on each epoch (MTT's evaluate_synset): 10 images at batch 4 are 3 batches
+    for drop_last, batches in ((False, 3), (True, 2)):
+        dm = DistilledDataModule(path=str(out), batch_size=4, **({"drop_last": True} if drop_last else {}))
+        dm.setup("fit")
+        assert len(dm.train_dataloader()) == batches
 
 
 def test_evaluation_trains_at_the_learned_lr_times_eval_lr_factor(buffers, real, monkeypatch):

@@ -27,6 +27,9 @@ class ZooDataModule(L.LightningDataModule):
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         pin_memory: pin host memory (useful with a GPU).
+        drop_last: the training loader drops its last partial batch (when the set holds more than one batch), as
+            timm's training loader does. Trajectory experts set it false: the official MTT/DATM/AST ``buffer.py``
+            keeps the partial batch (CIFAR at batch 256: 196 steps per epoch, not 195).
     """
 
     num_classes: int
@@ -41,6 +44,7 @@ class ZooDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -49,6 +53,7 @@ class ZooDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.drop_last = drop_last
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -75,7 +80,7 @@ class ZooDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
+            drop_last=train and self.drop_last and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -19,7 +19,7 @@ class _CIFARDataModule(ZooDataModule):
     Args:
         root: folder holding (or receiving) the data set.
         download: download it when missing (torchvision); otherwise a missing data set fails at once.
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         augment: the random crop and flip on training images (dataset distillation's experts use DSA instead).
         normalize: normalise with ``mean``/``std`` (MTT's ZCA setting whitens raw [0, 1] pixels instead).
         mean, std: override the normalisation (MTT uses CIFAR-10's (0.4914, 0.4822, 0.4465) /
@@ -39,12 +39,13 @@ class _CIFARDataModule(ZooDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = False,
+        drop_last: bool = True,
         augment: bool = True,
         normalize: bool = True,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last)
         self.root = root
         self.download = download
         self.augment = augment

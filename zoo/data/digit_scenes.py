@@ -84,7 +84,7 @@ class DigitScenesDataModule(ZooDataModule):
     MGD, and for a supervised baseline that should take as many steps as MGD (it uses the labelled part only).
 
     Args:
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         image_size: canvas side.
         num_train, num_val, num_test: scenes per split.
         digits_per_image: inclusive range of digits per canvas.
@@ -103,6 +103,7 @@ class DigitScenesDataModule(ZooDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        drop_last: bool = True,
         image_size: int = 64,
         num_train: int = 512,
         num_val: int = 128,
@@ -116,7 +117,7 @@ class DigitScenesDataModule(ZooDataModule):
         channels: int = 3,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last)
         if image_size < 16:
             raise ValueError(f"DigitScenesDataModule.image_size must be ≥ 16, got {image_size}")
         if not (1 <= digits_per_image[0] <= digits_per_image[1]):

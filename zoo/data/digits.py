@@ -69,7 +69,7 @@ class DigitsDataModule(ZooDataModule):
     up to ``shift`` pixels. Nothing is ever downloaded: the data ships inside scikit-learn.
 
     Args:
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         image_size: side of the square images (8 = native).
         channels: 1 (grayscale) or 3 (for models that want RGB input).
         val_fraction, test_fraction: shares of the 1797 images held out for validation and test.
@@ -88,6 +88,7 @@ class DigitsDataModule(ZooDataModule):
         eval_batch_size: int | None = 256,
         num_workers: int = 0,
         pin_memory: bool = False,
+        drop_last: bool = True,
         image_size: int = 16,
         channels: int = 1,
         val_fraction: float = 0.2,
@@ -98,7 +99,7 @@ class DigitsDataModule(ZooDataModule):
         train_fraction: float = 1.0,
         imbalance_ratio: float = 1.0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last)
         if image_size < 8:
             raise ValueError(f"DigitsDataModule.image_size must be ≥ 8, got {image_size}")
         if channels not in (1, 3):

@@ -25,7 +25,7 @@ class ImageFolderDataModule(ZooDataModule):
         num_classes: number of classes; when omitted it is the number of class folders in ``train_dir``.
         image_size, resize_size: crop and evaluation resize sides.
         mean, std: normalisation (ImageNet's by default).
-        batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        batch_size, eval_batch_size, num_workers, pin_memory, drop_last: see ``ZooDataModule``.
     """
 
     in_chans = 3
@@ -45,8 +45,9 @@ class ImageFolderDataModule(ZooDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 8,
         pin_memory: bool = True,
+        drop_last: bool = True,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last)
         self.root = root
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir or val_dir
         self.image_size, self.resize_size = image_size, resize_size

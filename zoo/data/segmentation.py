@@ -254,7 +254,7 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
         crop_size: training crop side or (height, width).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size; 1 because evaluation images keep their own sizes.
-        num_workers, pin_memory: see ``ZooDataModule``.
+        num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         scale_range: (min, max) of the random training scale (mmseg's ``ratio_range``).
         mean: per-channel normalisation mean (ImageNet's by default, as ImageNet-pretrained backbones expect).
         std: per-channel normalisation std (ImageNet's by default).
@@ -277,6 +277,7 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
         eval_batch_size: int = 1,
         num_workers: int = 4,
         pin_memory: bool = True,
+        drop_last: bool = True,
         crop_size: int | tuple[int, int] = 512,
         scale_range: tuple[float, float] = (0.5, 2.0),
         mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -285,7 +286,7 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
         unlabelled_list: str | None = None,
         semi_supervised: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last)
         self.root = root
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         # Built here so a bad crop_size, scale_range, mean or std fails at construction.
@@ -396,7 +397,7 @@ class VOCSegmentationDataModule(_SegmentationDataModule):
         crop_size: training crop side or (height, width).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size; 1 because evaluation images keep their own sizes.
-        num_workers, pin_memory: see ``ZooDataModule``.
+        num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         scale_range: (min, max) of the random training scale (mmseg's ``ratio_range``).
         mean: per-channel normalisation mean (ImageNet's by default, as ImageNet-pretrained backbones expect).
         std: per-channel normalisation std (ImageNet's by default).
@@ -487,7 +488,7 @@ class CityscapesDataModule(_SegmentationDataModule):
         crop_size: training crop side or (height, width).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size; 1 because evaluation images keep their own sizes.
-        num_workers, pin_memory: see ``ZooDataModule``.
+        num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         scale_range: (min, max) of the random training scale (mmseg's ``ratio_range``).
         mean: per-channel normalisation mean (ImageNet's by default, as ImageNet-pretrained backbones expect).
         std: per-channel normalisation std (ImageNet's by default).
@@ -579,7 +580,7 @@ class ADE20KDataModule(_SegmentationDataModule):
         crop_size: training crop side or (height, width).
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size; 1 because evaluation images keep their own sizes.
-        num_workers, pin_memory: see ``ZooDataModule``.
+        num_workers, pin_memory, drop_last: see ``ZooDataModule``.
         scale_range: (min, max) of the random training scale (mmseg's ``ratio_range``).
         mean: per-channel normalisation mean (ImageNet's by default, as ImageNet-pretrained backbones expect).
         std: per-channel normalisation std (ImageNet's by default).

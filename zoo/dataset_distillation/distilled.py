@@ -144,6 +144,8 @@ class DistilledDataModule(ZooDataModule):
         soft_labels: keep DATM's label logits instead of their argmax.
         repeat: repeat the (tiny) synthetic set this many times per epoch, so an epoch has several batches.
         batch_size, eval_batch_size, num_workers, pin_memory: see ``ZooDataModule``.
+        drop_last: default false here: MTT's ``evaluate_synset`` trains on every synthetic image each epoch (a
+            CIFAR-10 IPC 50 set of 500 images at batch 256 is 2 batches, not 1).
     """
 
     def __init__(
@@ -156,8 +158,9 @@ class DistilledDataModule(ZooDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        drop_last: bool = False,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, drop_last)
         self.path, self.real, self.soft_labels, self.repeat = path, real, soft_labels, repeat
         self.artifact = load_distilled(path, field="DistilledDataModule.path")
         images = self.artifact["images"]

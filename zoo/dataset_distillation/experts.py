@@ -52,6 +52,8 @@ _MATCH_FIELDS = (
     "lr_decay_factor",
     "loss_decay",
     "gradient_penalty",
+    "batch_size",
+    "drop_last",
 )
 
 
@@ -223,6 +225,7 @@ class ExpertTraining(L.LightningModule):
             "gradient_penalty": bool(h.gradient_penalty),
             "seed": h.seed,
             "batch_size": getattr(self._datamodule(), "batch_size", None),
+            "drop_last": getattr(self._datamodule(), "drop_last", None),
         }
 
     def initial_parameters(self, k: int) -> Tensor:
@@ -255,6 +258,11 @@ class ExpertTraining(L.LightningModule):
                     f"ExpertTraining: the data module {type(dm).__name__} augments its training images itself "
                     "(data.init_args.augment: true) and the experts also use DSA (model.init_args.dsa_strategy); "
                     "set data.init_args.augment: false (or dsa_strategy: '' to use the data module's augmentation)"
+                )
+            if stage == "fit" and getattr(dm, "drop_last", False):
+                rank_zero_warn(
+                    "ExpertTraining: the training loader drops its last partial batch (data.init_args.drop_last: "
+                    "true); the official MTT/DATM/AST buffer.py keeps it, set data.init_args.drop_last: false to match"
                 )
             size = getattr(dm, "image_size", None)
             net_size = getattr(self.net, "image_size", None)

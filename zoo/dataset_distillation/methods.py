@@ -526,7 +526,7 @@ class TrajectoryMatching(L.LightningModule):
             "std": list(getattr(dm, "std", []) or []),
             "evaluation": self.last_eval,
         }
-        return save_distilled(path, self.images, self.labels(), float(self.syn_lr), metadata, zca=self.zca)
+        return save_distilled(path, self.images, self.labels(), float(self.syn_lr.detach()), metadata, zca=self.zca)
 
 
 class MTT(TrajectoryMatching):
