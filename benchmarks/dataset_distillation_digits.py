@@ -166,9 +166,10 @@ def main() -> None:
             accs = [a for r in runs for a in r["accuracies"]]
             print(method, ipc, mean_std(accs), [round(r["seconds"]) for r in runs], flush=True)
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
-    results["command"] = "python benchmarks/dataset_distillation_digits.py " + " ".join(sys.argv[1:])
+    results["command"] = " ".join(["python benchmarks/dataset_distillation_digits.py", *sys.argv[1:]])
     earlier = json.loads(previous.read_text()).get("commands", []) if previous.is_file() else []
-    results["commands"] = [*earlier, results["command"]]
+    earlier = [c.strip() for c in earlier]
+    results["commands"] = earlier if earlier[-1:] == [results["command"]] else [*earlier, results["command"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dataset_distillation_digits.json").write_text(json.dumps(results, indent=2))
     table = render(results, args)
