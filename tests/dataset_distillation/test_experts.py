@@ -1,5 +1,6 @@
 """Flat parameters and functional forward, the trajectory files and buffer, and expert training on tiny digits."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,14 @@ def test_experts_train_save_and_resume(tmp_path, monkeypatch):
     assert experts[0].metadata["drop_last"] is False and experts[0].metadata["batch_size"] == 128
     with pytest.raises(ValueError, match=r"expert_0000\.safetensors: exists with drop_last = False, this run has True"):
         _fit(buffer_dir, tmp_path, "--data.init_args.drop_last=true")
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: exists with batch_size = 128, this run has 64"):
+        _fit(buffer_dir, tmp_path, "--data.init_args.batch_size=64")
+    # a file written before drop_last was recorded (the loader then dropped the last batch) is refused by name
+    old = load_trajectory(buffer_dir / "expert_0000.safetensors")
+    metadata = {k: v for k, v in old.metadata.items() if k != "drop_last"}
+    save_trajectory(buffer_dir / "expert_0000.safetensors", old.params, old.layout, metadata)
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: was trained before expert files recorded drop_last"):
+        _fit(buffer_dir, tmp_path)
 
 
 def test_experts_keep_the_last_partial_batch_as_the_official_buffer_does(tmp_path, monkeypatch):
@@ -251,8 +260,11 @@ def test_experts_keep_the_last_partial_batch_as_the_official_buffer_does(tmp_pat
     monkeypatch.chdir(ROOT)
     args = ["--model.init_args.num_experts=1", "--model.init_args.train_epochs=1", "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=1.0"]
-    cli = _fit(tmp_path / "keep", tmp_path, *args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = _fit(tmp_path / "keep", tmp_path, *args)
     assert len(cli.datamodule.train_set) == 1077 and cli.trainer.global_step == 9
+    assert not [w for w in caught if "drop_last" in str(w.message)]
     with pytest.warns(UserWarning, match="drop_last: false to match"):
         cli = _fit(tmp_path / "drop", tmp_path, *args, "--data.init_args.drop_last=true")
     assert cli.trainer.global_step == 8

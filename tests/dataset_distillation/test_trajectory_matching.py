@@ -1,5 +1,6 @@
 """MTT, DATM and AST: the matching loss, its gradients, TESLA vs the unrolled gradient, configs end to end."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,26 @@ def test_every_distillation_config_has_an_experts_config_long_enough():
         needed = args["max_start_epoch"] - 1 + args.get("expert_epochs", 2)
         assert args["buffer_dir"] in experts, f"{folder}/{name}: no experts config writes {args['buffer_dir']}"
         assert experts[args["buffer_dir"]] >= needed, f"{folder}/{name} needs {needed} expert epochs"
+
+
+def test_distillation_warns_about_experts_that_dropped_the_last_batch(buffers, tmp_path, monkeypatch):
+    """Experts made before drop_last was recorded (or with it true) still distil, with a warning naming them."""
+    import shutil
+
+    from zoo.dataset_distillation.buffer import load_trajectory, save_trajectory
+
+    monkeypatch.chdir(ROOT)
+    old = tmp_path / "old_experts"
+    shutil.copytree(buffers["experts"], old)
+    first = load_trajectory(old / "expert_0000.safetensors")
+    save_trajectory(old / "expert_0000.safetensors", first.params, first.layout,
+                    {k: v for k, v in first.metadata.items() if k != "drop_last"})
+    args = ["fit", "--config", str(CONFIGS / "mtt.yaml"), "--model.init_args.max_start_epoch=2",
+            "--trainer.max_steps=1", "--model.init_args.eval_nets=1", "--model.init_args.eval_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false", "--trainer.logger=false"]
+    with pytest.warns(UserWarning, match=r"MTT: 1 of the 2 experts in .*old_experts \(e\.g\. expert_0000\.safetensors\)"):
+        ZooCLI(args=[*args, f"--model.init_args.buffer_dir={old}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ZooCLI(args=[*args, f"--model.init_args.buffer_dir={buffers['experts']}"])
+    assert not [w for w in caught if "last partial batch" in str(w.message)]

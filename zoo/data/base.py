@@ -29,7 +29,8 @@ class ZooDataModule(L.LightningDataModule):
         pin_memory: pin host memory (useful with a GPU).
         drop_last: the training loader drops its last partial batch (when the set holds more than one batch), as
             timm's training loader does. Trajectory experts set it false: the official MTT/DATM/AST ``buffer.py``
-            keeps the partial batch (CIFAR at batch 256: 196 steps per epoch, not 195).
+            keeps the partial batch (CIFAR at batch 256: 196 steps per epoch, not 195). With it false, a last batch
+            of one image fails in a BatchNorm layer in training mode; pick a batch size that leaves more.
     """
 
     num_classes: int

@@ -259,7 +259,8 @@ class ExpertTraining(L.LightningModule):
                     "(data.init_args.augment: true) and the experts also use DSA (model.init_args.dsa_strategy); "
                     "set data.init_args.augment: false (or dsa_strategy: '' to use the data module's augmentation)"
                 )
-            if stage == "fit" and getattr(dm, "drop_last", False):
+            n, batch = len(getattr(dm, "train_set", None) or ()), getattr(dm, "batch_size", 0)
+            if stage == "fit" and getattr(dm, "drop_last", False) and n > batch > 0 and n % batch:
                 rank_zero_warn(
                     "ExpertTraining: the training loader drops its last partial batch (data.init_args.drop_last: "
                     "true); the official MTT/DATM/AST buffer.py keeps it, set data.init_args.drop_last: false to match"
@@ -340,6 +341,11 @@ class ExpertTraining(L.LightningModule):
                     f"{self.hparams.train_epochs}; {_ELSEWHERE}"
                 )
             for key in _MATCH_FIELDS:
+                if key == "drop_last" and key not in header.metadata:
+                    raise ValueError(
+                        f"{path}: was trained before expert files recorded drop_last (field 'drop_last'), with each "
+                        f"epoch's last partial batch dropped; this run has drop_last = {expected[key]!r}; {_ELSEWHERE}"
+                    )
                 if header.metadata.get(key) != expected[key]:
                     raise ValueError(
                         f"{path}: exists with {key} = {header.metadata.get(key)!r}, this run has {expected[key]!r}; "

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from zoo.dataset_distillation.augment import DSA_STRATEGY, DiffAugment
@@ -182,6 +183,13 @@ class TrajectoryMatching(L.LightningModule):
         datamodule = self.trainer.datamodule
         self._buffer = TrajectoryBuffer(self.buffer_dir)
         self._buffer.check(self.layout, dataset=getattr(datamodule, "name", None))
+        dropped = [h.path.name for h in self._buffer.headers if h.metadata.get("drop_last") is not False]
+        if dropped:
+            rank_zero_warn(
+                f"{type(self).__name__}: {len(dropped)} of the {len(self._buffer)} experts in {self.buffer_dir} (e.g. "
+                f"{dropped[0]}) were trained dropping each epoch's last partial batch, or do not record it; the "
+                "official buffer.py keeps it (retrain them with data.init_args.drop_last: false to match)"
+            )
         needed = self.hparams.max_start_epoch - 1 + self.hparams.expert_epochs
         if self._buffer.num_epochs < needed:
             raise ValueError(
