@@ -10,9 +10,9 @@ main benchmark's baseline).
     python benchmarks/mtt_digits_variants.py                  # all 12 variants, see below for times
     python benchmarks/mtt_digits_variants.py --variants base eval1000
 
-Times measured on this project's 2-core CPU machine: the first 8 variants took about 20 min; the 4 added later
-(``--variants experts50 iters2000 experts50_iters2000 datm_experts50_iters2000``, three of them at 2000 iterations)
-took 47 min while other jobs shared the cores.
+Times on this project's 2-core CPU machine (2026-11-28, nothing else running, expert buffers trained from
+scratch): ``--variants base experts30 M3_N30 lr_lr_1e-4 experts_lr05 lr_img_300 zca eval1000`` 21 min,
+``--variants iters2000 experts50 experts50_iters2000 datm_experts50_iters2000`` (three at 2000 iterations) 25 min.
 
 Results: benchmarks/results/mtt_digits_variants.{json,md}. Rows measured before 2026-11-28 used the earlier
 evaluation loop (``eval_epochs`` passes, momentum kept at the lr decay; now ``eval_epochs + 1`` passes and a fresh
