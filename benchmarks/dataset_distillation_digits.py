@@ -1,7 +1,8 @@
 """Dataset distillation on digits: random real images vs MTT vs DATM vs AST at IPC 1 and 10.
 
 Experts come from ``configs/dataset_distillation/digits/experts.yaml`` (MTT, DATM) and ``experts_smooth.yaml`` (AST),
-trained once (skipped when their buffer exists). Each method distils from its shipped config
+trained by the first run; later runs pass the buffers through ``ExpertTraining`` again, which skips finished experts
+and refuses files made with other settings. Each method distils from its shipped config
 (``{mtt,datm,ast}[_ipc10].yaml``: 500 iterations) with ``seed_everything`` and the method's seed set to each seed,
 in its own process, so its wall time and peak resident memory are its own. Every distilled set is evaluated with
 the spec's protocol at the final iteration: 5 fresh ConvNet-2 networks × 300 epochs (MTT's loop: 301 passes, the
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import yaml
+from commands import merge_commands, this_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -174,10 +176,9 @@ def main() -> None:
             accs = [a for r in runs for a in r["accuracies"]]
             print(method, ipc, mean_std(accs), [round(r["seconds"]) for r in runs], flush=True)
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
-    results["command"] = " ".join(["python benchmarks/dataset_distillation_digits.py", *sys.argv[1:]])
-    earlier = json.loads(previous.read_text()).get("commands", []) if previous.is_file() else []
-    earlier = [c.strip() for c in earlier]
-    results["commands"] = earlier if earlier[-1:] == [results["command"]] else [*earlier, results["command"]]
+    results["command"] = this_command("dataset_distillation_digits.py")
+    earlier = json.loads(previous.read_text()) if previous.is_file() else {}
+    results["commands"] = merge_commands(earlier, results["command"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dataset_distillation_digits.json").write_text(json.dumps(results, indent=2))
     table = render(results, args)

@@ -24,11 +24,11 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from commands import merge_commands, this_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -97,9 +97,8 @@ def main() -> None:
             print(student, run, flush=True)
         results["students"][student] = runs
     results["machine"] = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU"
-    results["command"] = "python benchmarks/feature_distillation_digits.py " + " ".join(sys.argv[1:])
-    commands = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
-    results["commands"] = commands if commands[-1:] == [results["command"]] else [*commands, results["command"]]
+    results["command"] = this_command("feature_distillation_digits.py")
+    results["commands"] = merge_commands(earlier, results["command"])
     results["students"] = {k: results["students"][k] for k in STUDENTS if k in results["students"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "feature_distillation_digits.json").write_text(json.dumps(results, indent=2))
@@ -119,7 +118,7 @@ def render(results: dict, seeds: int | str) -> str:
         ),
         (
             "Commands (rows of a later command replace the same rows of an earlier one): "
-            + "; ".join(f"`{c.strip()}`" for c in results["commands"])
+            + "; ".join(f"`{c}`" for c in results["commands"])
             + f"; machine: {results['machine']}."
         ),
         "",

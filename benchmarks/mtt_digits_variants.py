@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from commands import merge_commands, this_command
 from dataset_distillation_digits import (
     RESULTS,
     mean_std,
@@ -104,9 +105,7 @@ def main() -> None:
             results["random_ipc1_eval1000"] = {"draws": 10, "accuracies": random_real(1, draws=10, epochs=1000),
                                                "eval_loop": "evaluate_synset"}
     results["baseline_odds"] = baseline_odds()
-    command = " ".join(["python benchmarks/mtt_digits_variants.py", *sys.argv[1:]])
-    commands = results.get("commands", [results["command"]] if "command" in results else [])
-    results["commands"] = commands if commands[-1:] == [command] else [*commands, command]  # a rerun adds no row
+    results["commands"] = merge_commands(results, this_command("mtt_digits_variants.py"))
     results.pop("command", None)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))

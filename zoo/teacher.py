@@ -313,9 +313,12 @@ class Teacher(nn.Module):
         """One member's logits as they are; an ensemble's mean logit (``logit``) or log p̄ (``prob``)."""
         if len(logits) == 1:
             return logits[0]
-        if self.ensemble == "logit":
-            return torch.stack([z.float() for z in logits]).mean(0)
-        return self.log_mean_prob(logits)
+        return self.mean_logit(logits) if self.ensemble == "logit" else self.log_mean_prob(logits)
+
+    @staticmethod
+    def mean_logit(logits: Sequence[Tensor]) -> Tensor:
+        """z̄ = (1/K)·Σ_k z_k in float32."""
+        return torch.stack([z.float() for z in logits]).mean(0)
 
     @staticmethod
     def log_mean_prob(logits: Sequence[Tensor]) -> Tensor:

@@ -110,4 +110,5 @@ def test_drop_last_option_of_the_training_loader():
         dm = DigitsDataModule(image_size=8, augment=False, batch_size=128, drop_last=drop_last)
         dm.setup("fit")
         assert len(dm.train_set) == 1077 and len(dm.train_dataloader()) == steps
+        assert dm.drops_partial_batch is drop_last  # 1077 = 8 × 128 + 53
         assert len(dm.val_dataloader()) == 2  # evaluation never drops: 360 images at eval batch 256

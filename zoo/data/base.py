@@ -61,6 +61,13 @@ class ZooDataModule(L.LightningDataModule):
         self.unlabelled_set: Dataset | None = None
 
     @property
+    def drops_partial_batch(self) -> bool:
+        """Whether the training loader leaves images out every epoch: ``drop_last`` and a set that is more than one
+        batch but not a whole number of them (false before ``setup``)."""
+        n = len(self.train_set) if self.train_set is not None else 0
+        return self.drop_last and n > self.batch_size and n % self.batch_size != 0
+
+    @property
     def name(self) -> str:
         """Short data set name used in run names (``digits``, ``cifar100`` ...)."""
         return type(self).__name__.replace("DataModule", "").lower()

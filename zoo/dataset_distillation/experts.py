@@ -259,8 +259,7 @@ class ExpertTraining(L.LightningModule):
                     "(data.init_args.augment: true) and the experts also use DSA (model.init_args.dsa_strategy); "
                     "set data.init_args.augment: false (or dsa_strategy: '' to use the data module's augmentation)"
                 )
-            n, batch = len(getattr(dm, "train_set", None) or ()), getattr(dm, "batch_size", 0)
-            if stage == "fit" and getattr(dm, "drop_last", False) and n > batch > 0 and n % batch:
+            if stage == "fit" and getattr(dm, "drops_partial_batch", False):
                 rank_zero_warn(
                     "ExpertTraining: the training loader drops its last partial batch (data.init_args.drop_last: "
                     "true); the official MTT/DATM/AST buffer.py keeps it, set data.init_args.drop_last: false to match"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from zoo.losses import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
@@ -61,8 +60,7 @@ class MEALV2(DistillationMethod):
         """``logits`` carries log p̄ (what ``SoftCrossEntropy`` takes), for one teacher as for K; ``mean_logits``
         carries z̄^t for the discriminator. ``Teacher.combine`` is not used: for one member it returns raw logits."""
         members = self.teacher.member_logits(x)
-        mean_logits = torch.stack([z.float() for z in members]).mean(0)
-        return Outputs(self.teacher.log_mean_prob(members), {"mean_logits": mean_logits})
+        return Outputs(self.teacher.log_mean_prob(members), {"mean_logits": self.teacher.mean_logit(members)})
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         terms = {"sim": self.similarity(student.logits, teacher.logits)}
