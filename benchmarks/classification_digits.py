@@ -38,8 +38,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "configs" / "classification" / "digits"
+# Every student config of the digits folder is a row of the plain setting (a new method's config adds its row);
+# the teacher and the cached-soft-label variant have their own benchmarks.
+ORDER = ["baseline", "kd", "dkd", "meal_v2", "kd_nd", "dkd_nd", "dhkd", "trg"]
+NOT_STUDENTS = {"teacher", "kd_cached"}
+PLAIN = ORDER + sorted({p.stem for p in CONFIGS.glob("*.yaml")} - set(ORDER) - NOT_STUDENTS)
 SETTINGS: dict[str, tuple[list[str], list[str]]] = {
-    "plain": (["baseline", "kd", "dkd", "meal_v2", "kd_nd", "dkd_nd", "dhkd", "trg"], []),
+    "plain": (PLAIN, []),
     "quarter": (["baseline", "kd", "meal_v2"], ["--data.init_args.train_fraction=0.25"]),
     "long_tailed": (["baseline", "kd", "trg"], ["--data.init_args.imbalance_ratio=10"]),
 }

@@ -196,7 +196,7 @@ class _Window:
 def _synthetic_datamodule(args, n_images: int = 512):
     """An in-memory CIFAR-shaped ZooDataModule whose augmentation (pad 4, crop, flip) can be replayed."""
     from zoo.data.base import ZooDataModule
-    from zoo.soft_labels import PadCropFlip
+    from zoo.data.transforms import PadCropFlip
 
     class _Augmented(torch.utils.data.Dataset):
         def __init__(self, images: Tensor, labels: Tensor, augment) -> None:

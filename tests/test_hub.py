@@ -7,19 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo import hub
+from zoo import hub, publish
 from zoo.hub_cli import main as checkpoints_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checkpoints_md_is_generated_from_the_registry():
-    assert (ROOT / "checkpoints.md").read_text() == hub.render_markdown()
+    assert (ROOT / "checkpoints.md").read_text() == publish.render_markdown()
 
 
 def test_shipped_teacher_is_a_registry_entry_that_loads_verified():
     entry = hub.get_entry("digits-resnet32-teacher")
-    path = hub.resolve("digits-resnet32-teacher")
+    path = hub.download("digits-resnet32-teacher")
     assert path.name == entry["file"] and path.stat().st_size == entry["file_size"]
     assert hub.sha256_file(path) == entry["sha256"]
     model, meta = hub.load("digits-resnet32-teacher")
@@ -46,7 +46,7 @@ def test_corrupted_file_fails_with_both_hashes(tmp_path, monkeypatch):
     (tmp_path / entry["file"]).write_bytes(bytes(data))
     monkeypatch.setattr(hub, "PACKAGE_DIR", tmp_path)
     with pytest.raises(ValueError, match=f"expected {entry['sha256']}"):
-        hub.resolve("digits-resnet32-teacher")
+        hub.download("digits-resnet32-teacher")
 
 
 def test_registry_validation_names_entry_and_field(tmp_path):
@@ -65,7 +65,7 @@ def test_registry_validation_names_entry_and_field(tmp_path):
 def test_export_student_is_atomic_and_hash_named(tmp_path):
     state = {"state_dict": {"student.w": torch.arange(6.0).view(2, 3), "student.b": torch.zeros(2)}}
     torch.save(state, tmp_path / "run.ckpt")
-    path, digest = hub.export_student(tmp_path / "run.ckpt", tmp_path / "out", "toy")
+    path, digest = publish.export_student(tmp_path / "run.ckpt", tmp_path / "out", "toy")
     assert path.name == f"toy-{digest[:8]}.safetensors" and hub.sha256_file(path) == digest
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [path.name]  # no temp file left
     from safetensors.torch import load_file
@@ -79,9 +79,11 @@ def test_export_leaves_nothing_when_interrupted(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub, "sha256_file", boom)
+    import zoo.io
+
+    monkeypatch.setattr(zoo.io.os, "fsync", boom)  # the file is written, the rename has not happened
     with pytest.raises(KeyboardInterrupt):
-        hub.export_student(tmp_path / "w.pt", tmp_path / "out", "toy")
+        publish.export_student(tmp_path / "w.pt", tmp_path / "out", "toy")
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -92,11 +94,11 @@ def test_checkpoints_cli(capsys):
     assert checkpoints_main(["verify", str(hub.PACKAGE_DIR / entry["file"])]) == 0
     assert "OK" in capsys.readouterr().out
     assert checkpoints_main(["markdown"]) == 0
-    assert capsys.readouterr().out == hub.render_markdown()
+    assert capsys.readouterr().out == publish.render_markdown()
 
 
 def test_publish_cli_exports_a_finished_run(tmp_path, monkeypatch, capsys):
-    from zoo.cli import ZooCLI
+    from zoo.cli import ZooCLI, test_metrics
 
     monkeypatch.chdir(ROOT)
     ZooCLI(args=["fit", "--config", "configs/classification/digits/baseline.yaml", "--trainer.max_epochs=1",
@@ -106,7 +108,7 @@ def test_publish_cli_exports_a_finished_run(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert checkpoints_main(["publish", str(run), "--name", "tiny", "--dir", str(tmp_path / "pub"),
                              "--config", "configs/classification/digits/baseline.yaml",
-                             "--command", "zoo fit --config X --seed_everything=3"]) == 0
+                             "--command", "zoo fit --config X --seed_everything=3"], test_metrics=test_metrics) == 0
     entry = json.loads(capsys.readouterr().out)
     assert entry["command"].startswith("zoo fit --config X --seed_everything=3 && zoo checkpoints publish")
     assert {"val_acc", "test_acc"} <= set(entry["metrics"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoo import hub
+from zoo import hub, publish
 from zoo.hub_cli import main as checkpoints_main
 from zoo.models import CIFARModel
 
@@ -102,7 +102,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict:
     torch.manual_seed(0)
     model = CIFARModel(**ARCH["init_args"]).build().eval()
     torch.save(model.state_dict(), folder / "weights.pt")
-    path, digest = hub.export_student(folder / "weights.pt", folder / "files", NAME)
+    path, digest = publish.export_student(folder / "weights.pt", folder / "files", NAME)
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         logits = model(x)
@@ -179,7 +179,7 @@ def test_http_download_then_cache_hit_makes_no_request(zoo, serve):
     assert server.requests == [f"/{zoo.file}"]
     assert zoo.cache_listing() == [zoo.file]  # no temp file left beside it
     server.stop()
-    assert hub.download(NAME) == zoo.cached and hub.resolve(NAME) == zoo.cached
+    assert hub.download(NAME) == zoo.cached and hub.download(NAME) == zoo.cached
     assert server.requests == [f"/{zoo.file}"]
 
 

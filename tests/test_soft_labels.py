@@ -14,10 +14,9 @@ from torch import nn
 from zoo.data import DigitsDataModule
 from zoo.losses import DKDLoss, KDLoss
 from zoo.methods import DKD, KD, KDND
+from zoo.data.transforms import PadCropFlip, ResizedCropFlip
 from zoo.soft_labels import (
     CachedSoftLabelDataset,
-    PadCropFlip,
-    ResizedCropFlip,
     SoftLabelCache,
     SoftLabels,
     build_soft_label_cache,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -107,13 +108,23 @@ class ZooCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
+def test_metrics(config_file: Path, ckpt: Path) -> dict[str, float]:
+    """Runs ``zoo test`` on a run's own config and checkpoint; returns the test split's metrics."""
+    cli = ZooCLI(
+        args=["test", "--config", str(config_file), "--ckpt_path", str(ckpt), "--trainer.logger=false",
+              "--trainer.enable_progress_bar=false", "--verbose=false"],
+        save_config_callback=None,
+    )
+    return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``zoo`` console script."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "checkpoints":
         from zoo.hub_cli import main as checkpoints_main
 
-        raise SystemExit(checkpoints_main(argv[1:]))
+        raise SystemExit(checkpoints_main(argv[1:], test_metrics=test_metrics))
     ZooCLI(args=argv)
 
 

@@ -46,10 +46,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
 from torch import nn
 
-from zoo.models.sources import ModelSource, load_weights, read_state_dict, source_from_config
+from zoo.models.sources import ModelSource, load_weights, source_from_config
 
 __all__ = [
     "ChecksumError",
@@ -59,15 +58,11 @@ __all__ = [
     "checkpoint_urls",
     "download",
     "download_url_to_file",
-    "export_file",
-    "export_student",
     "get_entry",
     "is_offline",
     "list_checkpoints",
     "load",
     "registry",
-    "render_markdown",
-    "resolve",
     "sha256_file",
     "verify_file",
     "zoo_home",
@@ -462,12 +457,6 @@ def download(name: str, dir: str | os.PathLike | None = None) -> Path:
     return download_url_to_file(source.resolve().as_uri(), target, entry["sha256"], entry["file_size"])
 
 
-def resolve(name: str) -> Path:
-    """The local, hash-verified file of a registry entry: ``download(name)`` (used by ``load`` and by
-    ``load_distilled("hub:<name>")``)."""
-    return download(name)
-
-
 def load(name: str) -> tuple[nn.Module, dict[str, Any]]:
     """A ready model (eval mode) and its registry entry, which carries the preprocessing (``mean``, ``std``,
     ``input_size``) and the metrics. The weights come from ``download(name)``: shipped, cached or fetched, verified.
@@ -479,7 +468,7 @@ def load(name: str) -> tuple[nn.Module, dict[str, Any]]:
             f"DistilledDataModule(path='hub:{name}') or fetch it with zoo.hub.download({name!r})"
         )
     model = source_from_config(entry["architecture"]).build()
-    load_weights(model, resolve(name), field=f"checkpoint {name!r}")
+    load_weights(model, download(name), field=f"checkpoint {name!r}")
     return model.eval(), entry
 
 
@@ -520,83 +509,3 @@ class Pretrained(ModelSource):
 
     def describe(self) -> str:
         return f"hub:{self.name}"
-
-
-def export_student(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, name: str) -> tuple[Path, str]:
-    """Writes the student weights of a Lightning checkpoint (or a weights file) to ``<name>-<sha8>.safetensors``.
-
-    The file is written to a temporary name in ``out_dir`` and renamed into place, so an interruption never
-    leaves a half-written checkpoint under its final name. Returns the path and the full sha256.
-    """
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in read_state_dict(checkpoint).items() if isinstance(v, torch.Tensor)}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"name": name, "format": "pt"})
-        digest = sha256_file(tmp)
-        final = out_dir / f"{name}-{digest[:8]}.safetensors"
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return final, digest
-
-
-def export_file(path: str | os.PathLike, out_dir: str | os.PathLike, name: str) -> tuple[Path, str]:
-    """Copies a finished file (e.g. a distilled set) to ``out_dir/<name>-<sha8>.safetensors``, verified, through a
-    temporary file and a rename (nothing half-written under the final name). Returns the path and the sha256."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file to publish")
-    digest, size = sha256_file(path), path.stat().st_size
-    final = Path(out_dir) / f"{name}-{digest[:8]}.safetensors"
-    download_url_to_file(path.resolve().as_uri(), final, digest, size)
-    return final, digest
-
-
-def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
-    """The text of ``checkpoints.md``, generated from the registry."""
-    entries = entries if entries is not None else list_checkpoints()
-    lines = [
-        "# Published checkpoints",
-        "",
-        "Generated from `zoo/checkpoints/registry.json` by `zoo checkpoints markdown > checkpoints.md`; "
-        "a test fails when this file and the registry disagree. Load one with `zoo.hub.load(name)` or use it in a "
-        "config as `{class_path: zoo.hub.Pretrained, init_args: {name: ...}}`. Entries of task "
-        f"`{TASK_DISTILLED}` are distilled sets, not weights: train on one with "
-        "`{class_path: zoo.dataset_distillation.DistilledDataModule, init_args: {path: hub:<name>, real: ...}}`; "
-        "their architecture is the network the set was distilled for.",
-        "",
-        "| name | task | method | architecture | data | metrics | file | size | sha256 | license |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for e in entries:
-        arch = e["architecture"]
-        arch_name = arch.get("init_args", {}).get("name") or str(arch.get("class_path") or arch.get("description"))
-        arch_name = arch_name.rsplit(".", 1)[-1]
-        metrics = ", ".join(f"{k} {v}" for k, v in e["metrics"].items())
-        lines.append(
-            f"| {e['name']} | {e['task']} | {e['method']} | {arch_name} | {e['dataset']} | {metrics} | "
-            f"`{e['file']}` | {e['file_size']:,} B | `{e['sha256']}` | {e['license']} |"
-        )
-    lines += ["", "## How each was made", ""]
-    for e in entries:
-        lines += [
-            f"### {e['name']}",
-            "",
-            f"- config: `{e['config']}`",
-            f"- command: `{e['command']}`",
-            f"- input: {e['input_size']}, mean {e['mean']}, std {e['std']}",
-        ]
-        if e["task"] == TASK_DISTILLED:
-            lines.append(
-                f"- distilled set: {e['ipc']} image(s) per class at iteration {e['iteration']}; eval_acc_mean/std: "
-                f"test accuracy of {e['eval_nets']} fresh networks trained on it (the run's final evaluation); "
-                "syn_lr: the learned lr they train at"
-            )
-        lines += [""]
-    return "\n".join(lines)

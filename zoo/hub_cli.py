@@ -8,13 +8,19 @@ import re
 import sys
 from pathlib import Path
 
+from collections.abc import Callable
+
 from zoo import hub
-from zoo.publish import publish, publish_distilled
+from zoo.publish import check_target, publish, publish_distilled, render_markdown, resolve_run
 
 __all__ = ["main"]
 
+#: Evaluates a run on its test split: (config file, checkpoint) -> {"test/...": value}. The ``zoo`` command passes
+#: one built on its LightningCLI; this module does not import the CLI.
+TestMetrics = Callable[[Path, Path], dict[str, float]]
 
-def main(argv: list[str] | None = None) -> int:
+
+def main(argv: list[str] | None = None, test_metrics: TestMetrics | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zoo checkpoints", description="Published checkpoints of distill-zoo.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="list registry entries")
@@ -51,9 +57,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(entry, indent=2))
     elif args.command == "publish":
-        entry = publish(
-            args.path, args.name, args.dir, args.dataset, args.config, test=not args.no_test, fit_command=args.fit_command
-        )
+        try:
+            check_target(args.name, args.dir)  # before the evaluation, which can take minutes
+            ckpt, run = resolve_run(args.path)
+            config_file = run / "config.yaml"
+            evaluate = test_metrics is not None and not args.no_test and config_file.is_file()
+            metrics = test_metrics(config_file, ckpt) if evaluate else None
+            entry = publish(args.path, args.name, args.dir, args.dataset, args.config, test_metrics=metrics,
+                            fit_command=args.fit_command)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"zoo checkpoints publish: {err}", file=sys.stderr)
+            return 1
         print(json.dumps(entry, indent=2))
     elif args.command == "verify":
         path = Path(args.file)
@@ -79,5 +93,5 @@ def main(argv: list[str] | None = None) -> int:
             print(f"zoo checkpoints download: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
             return 1
     elif args.command == "markdown":
-        print(hub.render_markdown(), end="")
+        print(render_markdown(), end="")
     return 0

@@ -13,36 +13,33 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from zoo import hub
+from zoo.hub import TASK_DISTILLED, download_url_to_file, list_checkpoints, sha256_file
+from zoo.io import atomic_write
+from zoo.models.sources import read_state_dict
 
 __all__ = [
     "architecture_from_hparams",
     "describe_source",
+    "export_file",
+    "export_student",
     "model_card",
     "publish",
     "publish_distilled",
-    "write_atomic",
+    "check_target",
+    "render_markdown",
+    "resolve_run",
+    "source_config",
     "write_publication",
 ]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _git_commit() -> str | None:
@@ -107,7 +104,7 @@ def describe_source(spec: Any) -> str | None:
 
 def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
     """The Markdown model card."""
-    distilled = entry["task"] == hub.TASK_DISTILLED
+    distilled = entry["task"] == TASK_DISTILLED
     lines = [f"# {entry['name']}", "", f"- method: {card.get('method', entry['method'])}"]
     for key in ("student", "teacher", "dataset"):
         if card.get(key) or entry.get(key):
@@ -148,15 +145,40 @@ def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def export_student(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, name: str) -> tuple[Path, str]:
+    """Writes the student weights of a Lightning checkpoint (or a weights file) to ``<name>-<sha8>.safetensors``.
+
+    The file is written to a temporary name in ``out_dir`` and renamed into place, so an interruption never
+    leaves a half-written checkpoint under its final name. Returns the path and the full sha256.
+    """
+    state = {k: v.contiguous() for k, v in read_state_dict(checkpoint).items() if isinstance(v, torch.Tensor)}
+    data = safetensors_bytes(state, metadata={"name": name, "format": "pt"})
+    digest = hashlib.sha256(data).hexdigest()
+    final = atomic_write(Path(out_dir) / f"{name}-{digest[:8]}.safetensors", data)
+    return final, digest
+
+
+def export_file(path: str | os.PathLike, out_dir: str | os.PathLike, name: str) -> tuple[Path, str]:
+    """Copies a finished file (e.g. a distilled set) to ``out_dir/<name>-<sha8>.safetensors``, verified, through a
+    temporary file and a rename (nothing half-written under the final name). Returns the path and the sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file to publish")
+    digest, size = sha256_file(path), path.stat().st_size
+    final = Path(out_dir) / f"{name}-{digest[:8]}.safetensors"
+    download_url_to_file(path.resolve().as_uri(), final, digest, size)
+    return final, digest
+
+
 def write_publication(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     entry: dict[str, Any],
     card: dict[str, Any],
     url_bases: Sequence[str] = (),
-    export: Callable[[Any, Any, str], tuple[Path, str]] = hub.export_student,
+    export: Callable[[Any, Any, str], tuple[Path, str]] = export_student,
 ) -> tuple[Path, dict[str, Any]]:
-    """Exports the student (``export``: ``hub.export_student``; ``hub.export_file`` copies a finished file such as
+    """Exports the student (``export``: ``export_student``; ``export_file`` copies a finished file such as
     a distilled set) and writes ``<file>.json`` (the card, with the registry entry under ``"entry"``) and
     ``<file>.md`` (the model card).
 
@@ -166,19 +188,14 @@ def write_publication(
     only after their card exists; a crash leaves no half-written file under a final name. The name must be a plain
     file-name stem (``hub.NAME_PATTERN``: letters, digits, ``.``, ``_``, ``-``; no folders).
     """
-    if not re.fullmatch(hub.NAME_PATTERN, str(entry["name"])):
-        raise ValueError(
-            f"publish: name {entry['name']!r} must be a plain name (letters, digits, '.', '_', '-', starting with a "
-            "letter or digit); it becomes the file name"
-        )
-    out_dir = Path(out_dir)
+    out_dir = check_target(entry["name"], out_dir)
     file, digest = export(checkpoint, out_dir, entry["name"])
     urls = [f"{base.rstrip('/')}/{file.name}" for base in url_bases] + list(entry.get("urls", []))
     entry = {**entry, "sha256": digest, "file_size": file.stat().st_size, "file": file.name, "urls": urls}
     card = {**card, "versions": _versions(), "git_commit": _git_commit(), "entry": entry}
     try:
-        write_atomic(file.with_suffix(".json"), json.dumps(card, indent=2, default=str) + "\n")
-        write_atomic(file.with_suffix(".md"), model_card(entry, card))
+        atomic_write(file.with_suffix(".json"), json.dumps(card, indent=2, default=str) + "\n")
+        atomic_write(file.with_suffix(".md"), model_card(entry, card))
     except BaseException:
         for path in (file, file.with_suffix(".json"), file.with_suffix(".md")):
             path.unlink(missing_ok=True)
@@ -186,8 +203,9 @@ def write_publication(
     return file, entry
 
 
-def _run_dir(path: Path) -> tuple[Path, Path]:
-    """(checkpoint file, run folder) from either one."""
+def resolve_run(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(checkpoint file, run folder) from either one: a run folder gives its best (else last) checkpoint."""
+    path = Path(path)
     if path.is_dir():
         ckpts = sorted((path / "checkpoints").glob("*.ckpt"))
         if not ckpts:
@@ -225,16 +243,22 @@ def _data_facts(config: dict[str, Any]) -> dict[str, Any]:
     return {"mean": list(dm.mean), "std": list(dm.std), "input_size": [dm.in_chans, size, size], "dataset": dm.name}
 
 
-def _test_metrics(config_file: Path, ckpt: Path) -> dict[str, float]:
-    """Runs ``zoo test`` on the run's own config and checkpoint; returns the test split's metrics."""
-    from zoo.cli import ZooCLI
-
-    cli = ZooCLI(
-        args=["test", "--config", str(config_file), "--ckpt_path", str(ckpt), "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false", "--verbose=false"],
-        save_config_callback=None,
-    )
-    return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+def check_target(name: str, out_dir: str | os.PathLike) -> Path:
+    """Refuses, before anything is evaluated or written, a name that is not a plain file stem
+    (``hub.NAME_PATTERN``) or an output folder that cannot be created or written. Returns the folder."""
+    if not re.fullmatch(hub.NAME_PATTERN, str(name)):
+        raise ValueError(
+            f"publish: name {name!r} must be a plain name (letters, digits, '.', '_', '-', starting with a "
+            "letter or digit); it becomes the file name"
+        )
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"publish: cannot create the output folder {out}: {err.strerror or err}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"publish: the output folder {out} is not writable")
+    return out
 
 
 def publish(
@@ -243,17 +267,18 @@ def publish(
     out_dir: str | Path,
     dataset: str | None = None,
     config_path: str | None = None,
-    test: bool = True,
+    test_metrics: dict[str, float] | None = None,
     fit_command: str | None = None,
 ) -> dict[str, Any]:
     """Exports the student of a finished run; returns its registry entry (the card is ``<file>.json``/``.md``).
 
     ``config_path`` names the project config that produced the run (default: the run's saved ``config.yaml``);
     ``fit_command`` is the exact training command when it had overrides (default ``zoo fit --config <config>``).
-    With ``test``, the checkpoint is evaluated on the data module's test split and ``test_acc`` is recorded next
-    to the last validation metrics.
+    ``test_metrics`` (``test/...`` values, e.g. from ``zoo test`` on the run's config and checkpoint, which the
+    ``zoo checkpoints publish`` command runs) are recorded next to the last validation metrics.
     """
-    ckpt, run = _run_dir(Path(path))
+    check_target(name, out_dir)
+    ckpt, run = resolve_run(path)
     hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     config_file = run / "config.yaml"
     config: dict[str, Any] = {}
@@ -263,9 +288,7 @@ def publish(
         config = yaml.safe_load(config_file.read_text()) or {}
     facts = _data_facts(config)
     config_path = config_path or str(config_file)
-    metrics = _last_val_metrics(run)
-    if test and config_file.is_file():
-        metrics.update(_test_metrics(config_file, ckpt))
+    metrics = {**_last_val_metrics(run), **(test_metrics or {})}
     entry = {
         "name": name,
         "task": "classification",
@@ -339,7 +362,7 @@ def publish_distilled(
         command += f"zoo checkpoints publish {path} --name {name} --dir {out_dir}{config_flag}"
     entry = {
         "name": name,
-        "task": hub.TASK_DISTILLED,
+        "task": TASK_DISTILLED,
         "method": str(meta.get("method", "")),
         "architecture": architecture,
         "dataset": dataset or meta.get("dataset") or "",
@@ -360,5 +383,49 @@ def publish_distilled(
         "command": command,
     }
     card = {"method": entry["method"], "dataset": entry["dataset"], "hparams": meta.get("hparams")}
-    _, entry = write_publication(path, out_dir, entry, card, url_bases=url_bases, export=hub.export_file)
+    _, entry = write_publication(path, out_dir, entry, card, url_bases=url_bases, export=export_file)
     return entry
+
+
+def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
+    """The text of ``checkpoints.md``, generated from the registry."""
+    entries = entries if entries is not None else list_checkpoints()
+    lines = [
+        "# Published checkpoints",
+        "",
+        "Generated from `zoo/checkpoints/registry.json` by `zoo checkpoints markdown > checkpoints.md`; "
+        "a test fails when this file and the registry disagree. Load one with `zoo.hub.load(name)` or use it in a "
+        "config as `{class_path: zoo.hub.Pretrained, init_args: {name: ...}}`. Entries of task "
+        f"`{TASK_DISTILLED}` are distilled sets, not weights: train on one with "
+        "`{class_path: zoo.dataset_distillation.DistilledDataModule, init_args: {path: hub:<name>, real: ...}}`; "
+        "their architecture is the network the set was distilled for.",
+        "",
+        "| name | task | method | architecture | data | metrics | file | size | sha256 | license |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        arch = e["architecture"]
+        arch_name = arch.get("init_args", {}).get("name") or str(arch.get("class_path") or arch.get("description"))
+        arch_name = arch_name.rsplit(".", 1)[-1]
+        metrics = ", ".join(f"{k} {v}" for k, v in e["metrics"].items())
+        lines.append(
+            f"| {e['name']} | {e['task']} | {e['method']} | {arch_name} | {e['dataset']} | {metrics} | "
+            f"`{e['file']}` | {e['file_size']:,} B | `{e['sha256']}` | {e['license']} |"
+        )
+    lines += ["", "## How each was made", ""]
+    for e in entries:
+        lines += [
+            f"### {e['name']}",
+            "",
+            f"- config: `{e['config']}`",
+            f"- command: `{e['command']}`",
+            f"- input: {e['input_size']}, mean {e['mean']}, std {e['std']}",
+        ]
+        if e["task"] == TASK_DISTILLED:
+            lines.append(
+                f"- distilled set: {e['ipc']} image(s) per class at iteration {e['iteration']}; eval_acc_mean/std: "
+                f"test accuracy of {e['eval_nets']} fresh networks trained on it (the run's final evaluation); "
+                "syn_lr: the learned lr they train at"
+            )
+        lines += [""]
+    return "\n".join(lines)

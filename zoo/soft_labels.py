@@ -27,7 +27,6 @@ next build with the same fingerprints keeps them and computes the rest. Shards a
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import json
 import math
@@ -42,16 +41,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from zoo.data.transforms import ReplayAugment
+from zoo.io import atomic_path, atomic_write
+
 __all__ = [
     "CACHE_FORMAT",
     "CachedSoftLabelDataset",
-    "PadCropFlip",
-    "ReplayAugment",
-    "ResizedCropFlip",
     "SoftLabelCache",
     "SoftLabels",
     "build_soft_label_cache",
     "dataset_fingerprint",
+    "prepare_soft_labels",
     "soft_labels_to_logits",
     "teacher_fingerprint",
     "teacher_top_k",
@@ -59,112 +59,6 @@ __all__ = [
 
 CACHE_FORMAT = "distill-zoo/soft-labels/1"
 MANIFEST = "cache.json"
-
-
-# ----------------------------------------------------------------------------------------------- augmentations
-class ReplayAugment(abc.ABC):
-    """A random augmentation whose draw is a small parameter vector, so it can be stored and replayed.
-
-    ``sample(n, generator)`` draws ``n`` parameter rows; ``apply(image, params)`` makes that view of one image
-    (a (C, H, W) tensor for the tensor pipelines, a PIL image for ImageFolder). ``spec()`` identifies the
-    augmentation in the cache fingerprint.
-    """
-
-    num_params: int
-
-    @abc.abstractmethod
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` parameter rows, shape (n, num_params)."""
-
-    @abc.abstractmethod
-    def apply(self, image: Any, params: Tensor) -> Any:
-        """The view of ``image`` that one parameter row describes."""
-
-    @abc.abstractmethod
-    def spec(self) -> dict[str, Any]:
-        """What identifies the augmentation in a cache's fingerprint."""
-
-
-class PadCropFlip(ReplayAugment):
-    """Zero-pad by ``pad`` pixels, crop back to the original size at offset (dy, dx), optionally flip horizontally.
-
-    This is CIFAR's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` and the digits translation, applied
-    to an already normalised (C, H, W) tensor: padding there with ``fill`` = −mean/std per channel equals padding
-    the raw image with black. Parameters: (dy, dx, flip) with dy, dx ∈ [0, 2·pad] and flip ∈ {0, 1}.
-    """
-
-    num_params = 3
-
-    def __init__(self, pad: int, flip: bool, fill: Sequence[float] | float = 0.0) -> None:
-        if pad < 0:
-            raise ValueError(f"PadCropFlip.pad must be ≥ 0, got {pad}")
-        self.pad, self.flip = int(pad), bool(flip)
-        self.fill = [float(v) for v in fill] if isinstance(fill, Sequence) else [float(fill)]
-
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)
-        flips = torch.randint(0, 2, (n, 1), generator=generator) if self.flip else torch.zeros(n, 1, dtype=torch.long)
-        return torch.cat([offsets, flips], 1).float()
-
-    def apply(self, image: Tensor, params: Tensor) -> Tensor:
-        dy, dx, flip = (int(v) for v in params.tolist())
-        if self.pad:
-            c, h, w = image.shape
-            fill = torch.tensor(self.fill if len(self.fill) == c else self.fill * c, dtype=image.dtype)
-            padded = fill.view(c, 1, 1).expand(c, h + 2 * self.pad, w + 2 * self.pad).clone()
-            padded[:, self.pad : self.pad + h, self.pad : self.pad + w] = image
-            image = padded[:, dy : dy + h, dx : dx + w]
-        return image.flip(-1) if flip else image
-
-    def spec(self) -> dict[str, Any]:
-        return {"name": "pad_crop_flip", "pad": self.pad, "flip": self.flip, "fill": [round(v, 6) for v in self.fill]}
-
-
-class ResizedCropFlip(ReplayAugment):
-    """ImageNet's ``RandomResizedCrop(size, scale, ratio)`` + horizontal flip, replayable (FKD's stored crops).
-
-    Parameters: the crop box relative to the image, (top, left, height, width) in [0, 1], and flip. The box is
-    drawn with torchvision's rule (10 tries of area ∈ scale·A and log-uniform aspect ratio, then a centre crop)
-    from a unit square, so one draw replays on images of any size; ``apply`` takes a PIL image or a tensor and
-    returns a ``size``×``size`` crop (then the data module's ToTensor/normalisation follow).
-    """
-
-    num_params = 5
-
-    def __init__(
-        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    ) -> None:
-        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
-
-    def _box(self, g: torch.Generator) -> tuple[float, float, float, float]:
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            area = float(torch.empty(1).uniform_(self.scale[0], self.scale[1], generator=g))
-            aspect = math.exp(float(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=g)))
-            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
-            if 0 < w <= 1 and 0 < h <= 1:
-                top = float(torch.rand(1, generator=g)) * (1 - h)
-                left = float(torch.rand(1, generator=g)) * (1 - w)
-                return top, left, h, w
-        aspect = min(max(1.0, self.ratio[0]), self.ratio[1])  # fallback: the largest centre crop in range
-        w, h = (1.0, 1.0 / aspect) if aspect >= 1 else (aspect, 1.0)
-        return (1 - h) / 2, (1 - w) / 2, h, w
-
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        rows = [[*self._box(generator), float(torch.randint(0, 2, (1,), generator=generator))] for _ in range(n)]
-        return torch.tensor(rows, dtype=torch.float32)
-
-    def apply(self, image: Any, params: Tensor) -> Any:
-        import torchvision.transforms.v2.functional as TF
-
-        top, left, h, w, flip = params.tolist()
-        width, height = TF.get_size(image)[::-1]
-        box = (round(top * height), round(left * width), max(1, round(h * height)), max(1, round(w * width)))
-        out = TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
-        return TF.horizontal_flip(out) if flip >= 0.5 else out
-
-    def spec(self) -> dict[str, Any]:
-        return {"name": "resized_crop_flip", "size": self.size, "scale": list(self.scale), "ratio": list(self.ratio)}
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -244,18 +138,12 @@ def teacher_top_k(logits: Tensor, temperature: float, k: int) -> tuple[Tensor, T
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2))
 
 
 def _shard_files(root: Path, shard: int) -> dict[str, Path]:
@@ -264,7 +152,8 @@ def _shard_files(root: Path, shard: int) -> dict[str, Path]:
 
 def _check_manifest(path: Path, manifest: dict, expected: dict) -> None:
     if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"{path}: not a soft-label cache (format {manifest.get('format')!r}, expected {CACHE_FORMAT!r})")
+        found = manifest.get("format")
+        raise ValueError(f"{path}: not a soft-label cache (format {found!r}, expected {CACHE_FORMAT!r})")
     for key, want in expected.items():
         have = manifest.get(key)
         if have != want:
@@ -377,7 +266,9 @@ class SoftLabelCache:
         self.manifest = json.loads(manifest_path.read_text())
         _check_manifest(manifest_path, self.manifest, expected or {})
         if not self.manifest.get("complete"):
-            raise ValueError(f"soft-label cache {self.root}: incomplete (an interrupted build); build it again to finish")
+            raise ValueError(
+                f"soft-label cache {self.root}: incomplete (an interrupted build); build it again to finish"
+            )
         self.shard_size = int(self.manifest["shard_size"])
         self.num_shards = math.ceil(self.manifest["num_images"] / self.shard_size)
         for s in range(self.num_shards):
@@ -423,7 +314,11 @@ class CachedSoftLabelDataset(Dataset):
     """
 
     def __init__(
-        self, source: Dataset, cache: SoftLabelCache, augment: ReplayAugment, to_tensor: Callable[[Any], Tensor] | None = None
+        self,
+        source: Dataset,
+        cache: SoftLabelCache,
+        augment: ReplayAugment,
+        to_tensor: Callable[[Any], Tensor] | None = None,
     ) -> None:
         if len(source) != len(cache):
             raise ValueError(f"soft-label cache {cache.root}: {len(cache)} images, the training set has {len(source)}")
@@ -457,3 +352,63 @@ def soft_labels_to_logits(index: Tensor, prob: Tensor, num_classes: int, tempera
     full.scatter_(-1, index.long(), prob)
     full = full / full.sum(-1, keepdim=True)
     return temperature * full.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def prepare_soft_labels(
+    options: SoftLabels,
+    teacher: torch.nn.Module,
+    datamodule: Any,
+    trainer: Any,
+    *,
+    num_classes: int,
+    temperature: float,
+    owner: str,
+) -> None:
+    """Builds the cache at fit start when missing (each rank its shards), checks it, and swaps the data module's
+    training set for the replaying :class:`CachedSoftLabelDataset`.
+
+    The build runs under a forked RNG, so a run that builds the cache and one that reuses it train from the same
+    random state. ``owner`` names the method in errors.
+    """
+    from zoo.data.base import ZooDataModule
+
+    if not isinstance(datamodule, ZooDataModule) or datamodule.semi_supervised:
+        raise ValueError(
+            f"{owner}.soft_labels needs a (fully supervised) zoo data module to replay its augmentation; "
+            "pass data: (a ZooDataModule) rather than loaders"
+        )
+    source, augment, to_tensor = datamodule.replay_source()
+    fingerprint = {
+        "teacher": teacher_fingerprint(teacher),
+        "data": f"{datamodule.name}:{dataset_fingerprint(source)}",
+        "augmentation": augment.spec(),
+        "normalization": [[round(float(v), 6) for v in datamodule.mean], [round(float(v), 6) for v in datamodule.std]],
+    }
+    expected = {
+        **fingerprint,
+        "temperature": float(temperature),
+        "num_classes": num_classes,
+        "top_k": options.stored_k(num_classes),
+        "repeats": options.repeats,
+        "seed": options.seed,
+    }
+    manifest = Path(options.path) / MANIFEST
+    if not (manifest.is_file() and json.loads(manifest.read_text()).get("complete")):
+        strategy, rank, world = trainer.strategy, trainer.global_rank, trainer.world_size
+        device = next(teacher.parameters(), torch.empty(0)).device
+        kwargs = {"num_classes": num_classes, "temperature": temperature, "options": options,
+                  "to_tensor": to_tensor, "device": device, "num_workers": datamodule.num_workers}
+        num_shards = -(-len(source) // options.shard_size)
+        with torch.random.fork_rng(devices=[]):
+            if rank == 0:  # writes (or checks) the header first
+                build_soft_label_cache(options.path, teacher, source, augment, fingerprint, shards=[], **kwargs)
+            strategy.barrier("soft_labels_header")
+            build_soft_label_cache(
+                options.path, teacher, source, augment, fingerprint, shards=range(rank, num_shards, world), **kwargs
+            )
+            strategy.barrier("soft_labels_shards")
+            if rank == 0:  # marks the cache complete once every shard is there
+                build_soft_label_cache(options.path, teacher, source, augment, fingerprint, shards=[], **kwargs)
+            strategy.barrier("soft_labels_done")
+    cache = SoftLabelCache(options.path, expected)
+    datamodule.train_set = CachedSoftLabelDataset(source, cache, augment, to_tensor)

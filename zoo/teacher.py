@@ -1,10 +1,13 @@
 """The frozen teacher and feature taps: all teacher hygiene lives here, not in the methods.
 
-A :class:`Teacher` wraps one network or an ensemble. It is frozen (``requires_grad_(False)``), stays in
-``eval()`` whatever ``train()`` is called with, and runs under ``torch.no_grad()`` (not ``inference_mode``: its
-outputs enter losses that autograd records). Methods hold it outside their registered submodules (see
-``zoo.methods.base``), so it is never in the optimizer, never DDP-wrapped and never saved in the student's
-checkpoint; it is rebuilt from its source when a checkpoint is loaded.
+:func:`freeze` is the one place a network becomes a teacher: ``requires_grad_(False)`` and ``eval()``. Methods hold
+their teachers outside their registered submodules (``DistillationMethod.add_teacher``), so a teacher is never in
+the optimizer, never DDP-wrapped and never saved in the student's checkpoint; it is rebuilt from its source when a
+checkpoint is loaded.
+
+A :class:`Teacher` wraps one image network or an ensemble. It stays in ``eval()`` whatever ``train()`` is called
+with (:meth:`Teacher.batchnorm_mode` is the one declared exception), and runs under ``torch.no_grad()`` (not
+``inference_mode``: its outputs enter losses that autograd records).
 
 :class:`FeatureTaps` reads intermediate outputs by module path with forward hooks, and takes timm's
 ``forward_features`` / ``forward_head(pre_logits=True)`` / ``forward_intermediates`` as a fast path, for the
@@ -13,20 +16,29 @@ teacher and the student alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from zoo.losses.functional import at_least_float32
 from zoo.models.sources import ModelSource, build_model, source_from_config
 
-__all__ = ["FeatureTaps", "Teacher", "PRE_LOGITS", "embedding_dim"]
+__all__ = ["FeatureTaps", "PRE_LOGITS", "Teacher", "embedding_dim", "freeze"]
 
 PRE_LOGITS = "pre_logits"
 _INTERMEDIATES = "intermediates."
 _CLASSIFIER_NAMES = ("fc", "classifier", "head", "heads", "linear")
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Makes ``module`` a teacher: no parameter requires a gradient and it is in eval mode. Returns it."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
 
 
 def _find_classifier(model: nn.Module) -> nn.Module:
@@ -182,7 +194,8 @@ class Teacher(nn.Module):
         members: one network or a list of networks (an ensemble).
         ensemble: how an ensemble's outputs are combined.
         expected_norm: per member, the (mean, std) its weights expect, or ``None`` for "the data's".
-        taps: feature taps (see :class:`FeatureTaps`) on the first member.
+        taps: feature taps (see :class:`FeatureTaps`) on the first member: module paths, or a mapping from the
+            names the features are returned under to module paths (see :meth:`set_taps`).
         names: per member, a short name for summaries and logs.
     """
 
@@ -191,7 +204,7 @@ class Teacher(nn.Module):
         members: nn.Module | Sequence[nn.Module],
         ensemble: Literal["prob", "logit"] = "prob",
         expected_norm: Sequence[tuple[Sequence[float], Sequence[float]] | None] | None = None,
-        taps: Sequence[str] = (),
+        taps: Sequence[str] | Mapping[str, str] = (),
         names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -208,12 +221,13 @@ class Teacher(nn.Module):
         # Per member, the re-normalisation map as non-persistent buffers, so device/dtype moves carry them and the
         # forward does no conversion; _affine[i] is None while member i needs no map.
         self._affine: list[int | None] = [None] * len(members)
-        self.taps = FeatureTaps(self.members[0], taps) if taps else None
+        self.taps: FeatureTaps | None = None
+        self.tap_names: dict[str, str] = {}
+        self.set_taps(taps)
         self.names = list(names) if names is not None else [type(m).__name__ for m in members]
         self.channels_last = False
         self._compiled = False
-        self.requires_grad_(False)
-        super().train(False)
+        freeze(self)
 
     @classmethod
     def from_sources(
@@ -222,7 +236,7 @@ class Teacher(nn.Module):
         num_classes: int | None = None,
         in_chans: int | None = None,
         ensemble: Literal["prob", "logit"] = "prob",
-        taps: Sequence[str] = (),
+        taps: Sequence[str] | Mapping[str, str] = (),
     ) -> Teacher:
         """Builds every source and records the normalisation each one's weights expect."""
         if isinstance(sources, Teacher):
@@ -240,6 +254,34 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> Teacher:
         """Ignores ``mode``: a teacher is always in eval mode (BatchNorm statistics and dropout frozen)."""
         return super().train(False)
+
+    def set_taps(self, taps: Sequence[str] | Mapping[str, str]) -> None:
+        """Reads these features of the first member in :meth:`forward_features` (replacing earlier taps).
+
+        With a sequence of module paths the features are keyed by path; with a mapping ``{name: path}`` (e.g.
+        ``{"logits": "decoder.head"}``) they are keyed by name.
+        """
+        if self.taps is not None:
+            self.taps.remove()
+        self.tap_names = dict(taps) if isinstance(taps, Mapping) else {p: p for p in taps}
+        paths = list(dict.fromkeys(self.tap_names.values()))
+        self.taps = FeatureTaps(self.members[0], paths) if paths else None
+
+    @contextlib.contextmanager
+    def batchnorm_mode(self, mode: Literal["eval", "train"]) -> Iterator[None]:
+        """Within the block, BatchNorm layers use batch statistics (and update their running statistics) when
+        ``mode="train"``; everything else stays in eval mode, and no gradient flows either way. ``"eval"`` changes
+        nothing. MGD's official code runs its teachers this way."""
+        if mode not in ("eval", "train"):
+            raise ValueError(f"Teacher.batchnorm_mode: expected 'eval' or 'train', got {mode!r}")
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if mode == "train" else []
+        for m in norms:
+            m.training = True
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.training = False
 
     def set_fast_path(self, channels_last: bool = False, compile: bool | Mapping[str, Any] = False) -> None:
         """Channels-last weights and inputs (4-D convolution weights only; a no-op for other tensors), and
@@ -278,7 +320,8 @@ class Teacher(nn.Module):
             self.register_buffer(f"_shift{i}", shift.to(device), persistent=False)
             self._affine[i] = i
 
-    def _prepare(self, i: int, x: Tensor) -> Tensor:
+    def member_input(self, i: int, x: Tensor) -> Tensor:
+        """``x`` as member ``i`` takes it: re-normalised for its weights, in its memory format."""
         if self._affine[i] is not None:
             x = x * getattr(self, f"_scale{i}").to(x.dtype) + getattr(self, f"_shift{i}").to(x.dtype)
         if self.channels_last and x.dim() == 4:
@@ -296,9 +339,10 @@ class Teacher(nn.Module):
         outputs = []
         feats: dict[str, Tensor] = {}
         for i, member in enumerate(self.members):
-            xi = self._prepare(i, x)
+            xi = self.member_input(i, x)
             if i == 0 and self.taps is not None:
-                logits, feats = self.taps(xi)
+                logits, by_path = self.taps(xi)
+                feats = {name: by_path[path] for name, path in self.tap_names.items()}
             else:
                 logits = member(xi)
             outputs.append(logits)
@@ -307,7 +351,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def member_logits(self, x: Tensor) -> list[Tensor]:
         """Each member's raw logits (e.g. MEAL V2's discriminator takes their mean)."""
-        return [member(self._prepare(i, x)) for i, member in enumerate(self.members)]
+        return [member(self.member_input(i, x)) for i, member in enumerate(self.members)]
 
     def combine(self, logits: Sequence[Tensor]) -> Tensor:
         """One member's logits as they are; an ensemble's mean logit (``logit``) or log p̄ (``prob``)."""
@@ -317,14 +361,14 @@ class Teacher(nn.Module):
 
     @staticmethod
     def mean_logit(logits: Sequence[Tensor]) -> Tensor:
-        """z̄ = (1/K)·Σ_k z_k in float32."""
-        return torch.stack([z.float() for z in logits]).mean(0)
+        """z̄ = (1/K)·Σ_k z_k in at-least-float32."""
+        return torch.stack([at_least_float32(z) for z in logits]).mean(0)
 
     @staticmethod
     def log_mean_prob(logits: Sequence[Tensor]) -> Tensor:
-        """log p̄ with p̄ = (1/K)·Σ_k softmax(z_k), computed stably: logsumexp_k log_softmax(z_k) − log K (float32;
-        for K = 1 it is log_softmax(z), a distribution, where ``combine`` keeps the raw logits)."""
-        stacked = torch.stack([z.float() for z in logits])
+        """log p̄ with p̄ = (1/K)·Σ_k softmax(z_k), computed stably: logsumexp_k log_softmax(z_k) − log K
+        (at-least-float32; for K = 1 it is log_softmax(z), a distribution, where ``combine`` keeps the raw logits)."""
+        stacked = torch.stack([at_least_float32(z) for z in logits])
         return torch.logsumexp(stacked.log_softmax(-1), dim=0) - math.log(len(logits))
 
     def describe(self) -> str:

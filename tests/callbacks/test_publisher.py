@@ -1,6 +1,7 @@
 """CheckpointPublisher: student-only safetensors, model card, registry entry, W&B artifact, HF upload; atomic."""
 
 import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -126,12 +127,20 @@ def test_wandb_offline_run_holds_metrics_config_and_artifact(tmp_path, monkeypat
     run.finish()
     # wandb's offline run keeps config, history and artifacts in its binary run log (protobuf records, strings
     # stored verbatim); wandb ships no reader for it, so look for the values themselves.
-    run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
-    log = _record_bytes(next(run_dir.glob("*.wandb")).read_bytes())
-    for needle in (b"zoo.methods.KD", b"digits-resnet32-teacher", b"val/acc", b"train/loss_kd"):
-        assert needle in log, needle
     publisher = next(c for c in cli.trainer.callbacks if isinstance(c, CheckpointPublisher))
-    assert publisher.published["sha256"].encode() in log  # the artifact's metadata (the registry entry)
+    needles = (b"zoo.methods.KD", b"digits-resnet32-teacher", b"val/acc", b"train/loss_kd",
+               publisher.published["sha256"].encode())  # the last: the artifact's metadata (the registry entry)
+    # wandb's service process writes the log after finish() returns: wait for it (at most a minute), then check
+    deadline, log = time.monotonic() + 60, b""
+    while time.monotonic() < deadline:
+        run_dir = next((tmp_path / "wandb").glob("offline-run-*"), None)
+        logs = list(run_dir.glob("*.wandb")) if run_dir is not None else []
+        log = _record_bytes(logs[0].read_bytes()) if logs else b""
+        if all(n in log for n in needles):
+            break
+        time.sleep(0.5)
+    for needle in needles:
+        assert needle in log, needle
     published = list((tmp_path / "pub").glob("quickstart-kd-*.safetensors"))
     assert len(published) == 1
 

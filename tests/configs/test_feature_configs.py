@@ -75,5 +75,5 @@ def test_imagenet_feature_config_builds_and_steps_on_shaped_tensors(config, tmp_
     assert any(not torch.equal(v, before[k]) for k, v in model.student.state_dict().items())
     optimizer = cli.trainer.optimizers[0]
     assert optimizer.param_groups[0]["initial_lr"] == raw["model"]["init_args"]["optimizer"]["init_args"]["lr"]
-    for teacher in model._teacher:
+    for teacher in model.teachers.values():
         assert all(not p.requires_grad for p in teacher.parameters())

@@ -49,7 +49,8 @@ def test_binary_kl_norm_golden(t):
 def test_binary_kl_norm_fixed_numbers():
     # By hand: T = 2, B = 1, C = 1, z^s − z^t = 2 → u = 1: T²·[½·softplus(1) + ½·softplus(−1) − ln 2].
     expected = 4 * (0.5 * math.log1p(math.e) + 0.5 * math.log1p(1 / math.e) - math.log(2))
-    assert BinaryKLNormLoss(2.0)(torch.tensor([[3.0]]), torch.tensor([[1.0]])).item() == pytest.approx(expected, rel=1e-6)
+    got = BinaryKLNormLoss(2.0)(torch.tensor([[3.0]]), torch.tensor([[1.0]]))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_binary_kl_norm_zero_iff_equal():
@@ -94,14 +95,17 @@ def test_sum_over_classes_divided_by_batch_not_element_mean():
     zs, zt = torch.randn(4, 5), torch.randn(4, 5)
     base = BinaryKLNormLoss()(zs, zt).item()
     # twice the classes (same values): twice the loss; twice the samples (same rows): the same loss
-    assert BinaryKLNormLoss()(torch.cat([zs, zs], 1), torch.cat([zt, zt], 1)).item() == pytest.approx(2 * base, rel=1e-5)
+    twice_classes = BinaryKLNormLoss()(torch.cat([zs, zs], 1), torch.cat([zt, zt], 1))
+    assert twice_classes.item() == pytest.approx(2 * base, rel=1e-5)
     assert BinaryKLNormLoss()(torch.cat([zs, zs], 0), torch.cat([zt, zt], 0)).item() == pytest.approx(base, rel=1e-5)
 
 
 def test_binary_kl_norm_agrees_with_the_clamped_sigmoid_form():
     """Value and gradient equal the code's sigmoid form with σ clamped to [1e-8, 1 − 1e-8], far beyond the clamp too."""
     zt = torch.zeros(2, 6, dtype=torch.float64)
-    zs = torch.tensor([[-80.0, -40.0, -3.0, 0.5, 30.0, 80.0], [-36.0, -37.5, 1.0, 12.0, 36.0, 37.5]], dtype=torch.float64)
+    zs = torch.tensor(
+        [[-80.0, -40.0, -3.0, 0.5, 30.0, 80.0], [-36.0, -37.5, 1.0, 12.0, 36.0, 37.5]], dtype=torch.float64
+    )
     a, b = zs.clone().requires_grad_(), zs.clone().requires_grad_()
     ours, official = BinaryKLNormLoss(2.0)(a, zt), official_sigmoid_form(b, zt, 2.0)
     assert ours.item() == pytest.approx(official.item(), rel=1e-7)
@@ -116,8 +120,8 @@ def test_binary_kl_norm_is_finite_in_float32_for_large_differences():
     loss = BinaryKLNormLoss(2.0)(zs, torch.zeros(1, 2))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(zs.grad).all()
-    assert loss.item() == pytest.approx(official_sigmoid_form(zs.detach().double(), torch.zeros(1, 2).double(), 2.0).item(),
-                                        rel=1e-5)
+    official = official_sigmoid_form(zs.detach().double(), torch.zeros(1, 2).double(), 2.0)
+    assert loss.item() == pytest.approx(official.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("t", [1.0, 2.0])
@@ -141,3 +145,17 @@ def test_temperature_and_eps_are_checked():
         BinaryKLLoss(-1.0)
     with pytest.raises(ValueError, match="eps"):
         BinaryKLNormLoss(eps=0.5)
+
+
+@pytest.mark.parametrize(("cls", "reference"), [(BinaryKLNormLoss, bkln_reference), (BinaryKLLoss, bkl_reference)])
+def test_float64_inputs_give_the_float64_golden_value_and_bfloat16_computes_in_float32(cls, reference):
+    g = torch.Generator().manual_seed(7)
+    zs = torch.randn(5, 8, generator=g, dtype=torch.float64) * 3
+    zt = torch.randn(5, 8, generator=g, dtype=torch.float64) * 3
+    got = cls(2.0)(zs, zt)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(reference(zs, zt, 2.0), rel=1e-10)
+    zs16, zt16 = zs.bfloat16(), zt.bfloat16()
+    half = cls(2.0)(zs16, zt16)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, cls(2.0)(zs16.float(), zt16.float()))

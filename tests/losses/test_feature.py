@@ -71,10 +71,7 @@ def test_dmae_zero_when_projection_is_proportional_to_teacher_per_token():
     assert loss(h_s, rand(2, 5, 6, seed=2)).item() > 0
 
 
-@pytest.mark.parametrize("distance", ["l1", "l2"])
-def test_dmae_golden(distance):
-    loss = DMAEFeatLoss(4, 5, distance=distance)
-    h_s, h_t = rand(2, 3, 4, seed=3), rand(2, 3, 5, seed=4)
+def dmae_reference(loss, h_s, h_t, distance):
     w, b = loss.projection.weight.tolist(), loss.projection.bias.tolist()
     total, count = 0.0, 0
     for s_seq, t_seq in zip(h_s.tolist(), h_t.tolist()):
@@ -84,7 +81,14 @@ def test_dmae_golden(distance):
             for a, c in zip(n_t, g):
                 total += abs(a - c) if distance == "l1" else (a - c) ** 2
                 count += 1
-    assert loss(h_s, h_t).item() == pytest.approx(total / count, rel=1e-5)
+    return total / count
+
+
+@pytest.mark.parametrize("distance", ["l1", "l2"])
+def test_dmae_golden(distance):
+    loss = DMAEFeatLoss(4, 5, distance=distance)
+    h_s, h_t = rand(2, 3, 4, seed=3), rand(2, 3, 5, seed=4)
+    assert loss(h_s, h_t).item() == pytest.approx(dmae_reference(loss, h_s, h_t, distance), rel=1e-5)
 
 
 def test_dmae_projection_shapes_follow_official_heads():
@@ -257,17 +261,22 @@ def test_hybrid_relation_zero_when_student_equals_gathered_teacher_relations():
     assert loss(rand(2, 4, 4, 4, seed=4), t, keep).item() > 0
 
 
-def test_hybrid_relation_golden():
-    t, s = rand(1, 2, 5, 5, scale=2.0), rand(1, 2, 3, 3, seed=1, scale=2.0)
-    keep = torch.tensor([[0, 2, 3]])
+def relation_reference(s, t, keep):
+    """Batch 1, equal head counts: mean over heads and kept rows of KL(masked teacher softmax ‖ student softmax)."""
     total, rows = 0.0, 0
-    for h in range(2):
+    for h in range(s.shape[1]):
         for r, i in enumerate(keep[0].tolist()):
             p_t = softmax([t[0, h, i, j].item() for j in keep[0].tolist()])
             p_s = softmax(s[0, h, r].tolist())
             total += kl(p_t, p_s)
             rows += 1
-    assert HybridRelationLoss()(s, t, keep).item() == pytest.approx(total / rows, rel=1e-5)
+    return total / rows
+
+
+def test_hybrid_relation_golden():
+    t, s = rand(1, 2, 5, 5, scale=2.0), rand(1, 2, 3, 3, seed=1, scale=2.0)
+    keep = torch.tensor([[0, 2, 3]])
+    assert HybridRelationLoss()(s, t, keep).item() == pytest.approx(relation_reference(s, t, keep), rel=1e-5)
 
 
 def test_hybrid_relation_head_reduction_when_head_counts_differ():
@@ -301,20 +310,24 @@ def test_hybrid_relation_teacher_gets_no_grad():
     assert t.grad is None and s.grad.abs().sum() > 0
 
 
+def hybrid_feature_reference(pred, t_full, keep, beta=2.0):
+    pred = pred.tolist()
+    total, count = 0.0, 0
+    for b in range(len(pred)):
+        for r, i in enumerate(keep[b].tolist()):
+            for a, c in zip(pred[b][r], layer_norm0(t_full[b, i].tolist())):
+                total += smooth_l1(a - c, beta)
+                count += 1
+    return total / count
+
+
 def test_hybrid_feature_golden_and_teacher_gets_no_grad():
     loss = HybridFeatureLoss(4, 6)
     s = rand(2, 3, 4, scale=3.0).requires_grad_()
     t_full = rand(2, 5, 6, seed=1, scale=4.0).requires_grad_()
     keep = torch.tensor([[0, 2, 4], [0, 1, 3]])
-    pred = loss.head(s).detach().tolist()
-    total, count = 0.0, 0
-    for b in range(2):
-        for r, i in enumerate(keep[b].tolist()):
-            for a, c in zip(pred[b][r], layer_norm0(t_full[b, i].tolist())):
-                total += smooth_l1(a - c, 2.0)
-                count += 1
     out = loss(s, t_full, keep)
-    assert out.item() == pytest.approx(total / count, rel=1e-5)
+    assert out.item() == pytest.approx(hybrid_feature_reference(loss.head(s).detach(), t_full, keep), rel=1e-5)
     out.backward()
     assert t_full.grad is None and s.grad.abs().sum() > 0
     mse = HybridFeatureLoss(4, 6, distance="mse")
@@ -390,3 +403,54 @@ def test_half_precision_inputs_reduce_in_float32():
 def test_docstring_examples():
     failures, tried = doctest.testmod(feature_module, extraglobs={"torch": torch}, verbose=False)[:2]
     assert tried > 0 and failures == 0
+
+
+# --------------------------------------------------------------------------------------------- precision
+
+
+def test_float64_inputs_give_the_float64_golden_values():
+    dmae = DMAEFeatLoss(4, 5).double()
+    h_s, h_t = rand(2, 3, 4, seed=3).double(), rand(2, 3, 5, seed=4).double()
+    got = dmae(h_s, h_t)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(dmae_reference(dmae, h_s, h_t, "l1"), rel=1e-12)
+
+    g2sd = G2SDDecoderLoss(4, 6).double()
+    h_s, h_t = rand(2, 5, 4, scale=3.0).double(), rand(2, 5, 6, seed=1, scale=4.0).double()
+    got = g2sd(h_s, h_t)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(g2sd_reference(g2sd.head(h_s).detach(), h_t, [[True] * 5] * 2), rel=1e-12)
+
+    t, s = rand(1, 2, 5, 5, scale=2.0).double(), rand(1, 2, 3, 3, seed=1, scale=2.0).double()
+    keep = torch.tensor([[0, 2, 3]])
+    got = HybridRelationLoss()(s, t, keep)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(relation_reference(s, t, keep), rel=1e-12)
+
+    feat = HybridFeatureLoss(4, 6).double()
+    s, t_full = rand(2, 3, 4, scale=3.0).double(), rand(2, 5, 6, seed=1, scale=4.0).double()
+    keep = torch.tensor([[0, 2, 4], [0, 1, 3]])
+    got = feat(s, t_full, keep)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(hybrid_feature_reference(feat.head(s).detach(), t_full, keep), rel=1e-12)
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    t, s = rand(2, 2, 5, 5, scale=2.0).bfloat16(), rand(2, 2, 3, 3, seed=1, scale=2.0).bfloat16()
+    keep = torch.tensor([[0, 2, 3], [0, 1, 4]])
+    half = HybridRelationLoss()(s, t, keep)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, HybridRelationLoss()(s.float(), t.float(), keep))
+    assert masked_relations(t, keep).dtype == torch.float32
+    # The heads run in bfloat16 (their weights' dtype); the losses normalise and reduce their outputs in float32.
+    cases = [
+        (DMAEFeatLoss(4, 6), (rand(2, 3, 4), rand(2, 3, 6, seed=1))),
+        (G2SDDecoderLoss(4, 6), (rand(2, 3, 4), rand(2, 3, 6, seed=1))),
+        (HybridFeatureLoss(4, 6), (rand(2, 3, 4), rand(2, 5, 6, seed=1), keep)),
+    ]
+    for loss, args in cases:
+        full = loss(*args)
+        args16 = [a.bfloat16() if a.is_floating_point() else a for a in args]
+        half = loss.bfloat16()(*args16)
+        assert half.dtype == torch.float32
+        assert half.item() == pytest.approx(full.item(), rel=0.05)

@@ -114,3 +114,34 @@ def test_temperature_must_be_positive():
         KDLoss(0.0)
     with pytest.raises(ValueError, match="temperature"):
         DKDLoss(temperature=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def _float64_logits(seed, shape=(6, 7)):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+
+
+def test_kd_keeps_float64_and_computes_bfloat16_in_float32():
+    zs, zt = _float64_logits(5)
+    got = KDLoss(4.0)(zs, zt)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(kd_reference(zs, zt, 4.0), rel=1e-12)
+    zs16, zt16 = zs.bfloat16(), zt.bfloat16()
+    half = KDLoss(4.0)(zs16, zt16)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, KDLoss(4.0)(zs16.float(), zt16.float()))
+
+
+def test_dkd_keeps_float64_and_computes_bfloat16_in_float32():
+    zs, zt = _float64_logits(6)
+    y = torch.randint(0, 7, (6,), generator=torch.Generator().manual_seed(6))
+    tckd, nckd = DKDLoss(temperature=2.0).parts(zs, zt, y)
+    ref_t, ref_n = dkd_reference(zs, zt, y, 2.0)
+    assert tckd.dtype == nckd.dtype == torch.float64
+    assert tckd.item() == pytest.approx(ref_t, rel=1e-10)
+    assert nckd.item() == pytest.approx(ref_n, rel=1e-10)
+    zs16, zt16 = zs.bfloat16(), zt.bfloat16()
+    half = DKDLoss()(zs16, zt16, y)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, DKDLoss()(zs16.float(), zt16.float(), y))

@@ -40,7 +40,7 @@ def test_discriminator_loss_label_convention():
 
     b = 3
     loss = MEALV2DiscriminatorLoss()(Fixed(), torch.randn(b, 4), torch.randn(b, 4))
-    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    softplus = lambda v: math.log1p(math.exp(v))
     student = softplus(-2.0) + softplus(-1.0)  # -log σ(2) for target 1, -log(1 − σ(−1)) for target 0
     teacher = softplus(2.0) + softplus(1.0)
     assert loss.item() == pytest.approx((student + teacher) / 4, rel=1e-6)
@@ -53,3 +53,38 @@ def test_discriminator_loss_passes_gradient_to_the_student_not_the_teacher():
     MEALV2DiscriminatorLoss()(d, zs * 3, zt).backward()
     assert zt.grad is None
     assert zs.grad is not None
+
+
+def test_soft_cross_entropy_keeps_float64_and_computes_bfloat16_in_float32():
+    g = torch.Generator().manual_seed(1)
+    zs = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    log_p_bar = torch.randn(5, 7, generator=g, dtype=torch.float64).log_softmax(1)
+    got = SoftCrossEntropy()(zs, log_p_bar)
+    expected = 0.0
+    for row_s, row_t in zip(zs.tolist(), log_p_bar.tolist()):
+        lse = math.log(sum(math.exp(v) for v in row_s))
+        expected -= sum(math.exp(lt) * (v - lse) for v, lt in zip(row_s, row_t))
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected / 5, rel=1e-12)
+    zs16, t16 = zs.bfloat16(), log_p_bar.bfloat16()
+    half = SoftCrossEntropy()(zs16, t16)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, SoftCrossEntropy()(zs16.float(), t16.float()))
+
+
+class _Fixed(torch.nn.Module):
+    """A discriminator whose scores are [2, −1] for every row, in the input's dtype."""
+
+    def forward(self, x):
+        return torch.tensor([[2.0, -1.0]], dtype=x.dtype).expand(x.shape[0], 2)
+
+
+def test_discriminator_loss_keeps_float64_and_computes_bfloat16_in_float32():
+    softplus = lambda v: math.log1p(math.exp(v))
+    expected = (softplus(-2.0) + softplus(-1.0) + softplus(2.0) + softplus(1.0)) / 4
+    got = MEALV2DiscriminatorLoss()(_Fixed(), torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4))
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-14)
+    half = MEALV2DiscriminatorLoss()(_Fixed(), torch.randn(3, 4).bfloat16(), torch.randn(3, 4).bfloat16())
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(expected, rel=1e-6)

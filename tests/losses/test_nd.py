@@ -32,7 +32,8 @@ def test_golden_against_the_official_loop():
     loss, g = make()
     s, t = torch.randn(16, 6, generator=g) * 2, torch.randn(16, 6, generator=g) * 2
     y = torch.randint(0, 5, (16,), generator=g)
-    assert loss(s, t, y).item() == pytest.approx(nd_reference(s.double(), t.double(), y, loss.centers.double()), rel=1e-5)
+    expected = nd_reference(s.double(), t.double(), y, loss.centers.double())
+    assert loss(s, t, y).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_zero_when_g_is_a_long_enough_multiple_of_the_centre():
@@ -45,7 +46,7 @@ def test_zero_when_g_is_a_long_enough_multiple_of_the_centre():
 
 
 def test_short_g_is_pushed_to_the_teacher_norm():
-    loss, g = make()
+    loss, _ = make()
     y = torch.tensor([1])
     e = torch.nn.functional.normalize(loss.centers[y], dim=1)
     f_t = e * 10.0
@@ -59,7 +60,7 @@ def test_short_g_is_pushed_to_the_teacher_norm():
 
 
 def test_teacher_embedding_gets_no_gradient_and_unset_centres_fail():
-    loss, g = make()
+    loss, _ = make()
     t = torch.randn(4, 6, requires_grad=True)
     loss(torch.randn(4, 6, requires_grad=True), t, torch.zeros(4, dtype=torch.long)).backward()
     assert t.grad is None
@@ -77,3 +78,17 @@ def test_projector_structure_and_init():
     assert q[2].weight.std().item() == pytest.approx(0.01, rel=0.2)
     with pytest.raises(ValueError, match="init"):
         NDProjector(8, 64, init="other")
+
+
+def test_float64_inputs_give_the_float64_golden_value_and_bfloat16_computes_in_float32():
+    loss, g = make(seed=4)
+    s = torch.randn(16, 6, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(16, 6, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 5, (16,), generator=g)
+    got = loss(s, t, y)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(nd_reference(s, t, y, loss.centers.double()), rel=1e-12)
+    s16, t16 = s.bfloat16(), t.bfloat16()
+    half = loss(s16, t16, y)
+    assert half.dtype == torch.float32
+    assert torch.equal(half, loss(s16.float(), t16.float(), y))

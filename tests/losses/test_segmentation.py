@@ -9,16 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.losses.segmentation import (
-    BoxMaskGenerator,
-    CWDLoss,
-    LabelNoiser,
-    MGDContentLoss,
-    MGDSemanticLoss,
-    OhemCrossEntropy,
-    PixelKDLoss,
-    cutmix,
-)
+from zoo.data.mixing import BoxMaskGenerator, cutmix
+from zoo.data.transforms import LabelNoiser
+from zoo.losses.segmentation import CWDLoss, MGDContentLoss, MGDSemanticLoss, OhemCrossEntropy, PixelKDLoss
 
 
 def _kl(p, q):
@@ -332,7 +325,7 @@ def test_cutmix_pseudo_labels_equal_cutmix_of_labels_for_perfect_teachers():
 def ohem_reference(logits, target, thresh, min_kept, ignore=255):
     """Float64 loop: sort the label probabilities (ignored = 1), threshold max(thresh, k-th smallest), mean −log p."""
     z, y = logits.double(), target
-    n, c, h, w = z.shape
+    n, _, h, w = z.shape
     pixels = []
     for b in range(n):
         for i in range(h):
@@ -382,3 +375,51 @@ def test_ohem_cross_entropy_properties():
     assert OhemCrossEntropy()(logits, torch.full_like(target, 255)).item() == 0.0
     with pytest.raises(ValueError, match="thresh"):
         OhemCrossEntropy(0.0)
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def _mgd_semantic_reference(zs, zt):
+    n, c = zs.shape[:2]
+    area = zs.shape[2] * zs.shape[3]
+    return sum(
+        abs(sum(zs[b, k].flatten().tolist()) / area - sum(zt[b, k].flatten().tolist()) / area)
+        for b in range(n)
+        for k in range(c)
+    )
+
+
+def test_float64_inputs_give_the_float64_golden_values():
+    g = torch.Generator().manual_seed(11)
+    zs = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64) * 3
+    zt = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, 4, (2, 3, 5), generator=g)
+    target[0, 0] = 255
+    fs = torch.randn(2, 8, 14, 21, generator=g, dtype=torch.float64)
+    ft = torch.randn(2, 16, 28, 28, generator=g, dtype=torch.float64)
+    cases = [
+        (PixelKDLoss(2.0)(zs, zt), pixel_kd_reference(zs, zt, 2.0)),
+        (CWDLoss(4.0)(zs, zt), cwd_reference(zs, zt, 4.0)),
+        (MGDSemanticLoss()(zs, zt), _mgd_semantic_reference(zs, zt)),
+        (MGDContentLoss()(fs, ft), content_reference(fs, ft)),
+        (OhemCrossEntropy(0.7, 5)(zs, target), ohem_reference(zs, target, 0.7, 5)),
+    ]
+    for got, expected in cases:
+        assert got.dtype == torch.float64
+        assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+    g = torch.Generator().manual_seed(12)
+    zs, zt = torch.randn(2, 4, 6, 6, generator=g).bfloat16(), torch.randn(2, 4, 6, 6, generator=g).bfloat16()
+    target = torch.randint(0, 4, (2, 6, 6), generator=g)
+    cases = [
+        (PixelKDLoss(), (zs, zt)),
+        (CWDLoss(), (zs, zt)),
+        (MGDSemanticLoss(), (zs, zt)),
+        (MGDContentLoss(pool_size=3), (zs, zt)),
+        (OhemCrossEntropy(0.7, 10), (zs, target)),
+    ]
+    for loss, args in cases:
+        half = loss(*args)
+        assert half.dtype == torch.float32
+        assert torch.equal(half, loss(*(a.float() if a.is_floating_point() else a for a in args)))

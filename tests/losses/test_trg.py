@@ -186,3 +186,51 @@ def test_temperature_schedule_endpoints_and_clamping():
     assert loss.temperature(-1.0) == 0.5 and loss.temperature(2.0) == 0.1
     with pytest.raises(ValueError, match="positive"):
         TRGGlobalLoss(tau_end=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def _global_reference(s, t, tau):
+    sd, td = F.normalize(s.double(), dim=1), F.normalize(t.double(), dim=1)
+    total = 0.0
+    for i in range(s.shape[0]):
+        sims = [float(sd[i] @ td[j]) / tau for j in range(t.shape[0])]
+        total -= sims[i] - math.log(sum(math.exp(v) for v in sims))
+    return total / s.shape[0]
+
+
+def _inner_reference(s, t):
+    def cs(x):
+        x = x.double()
+        return torch.softmax(x @ x.transpose(1, 2) / math.sqrt(x.shape[-1]), -1)
+
+    return float(((cs(t) - cs(s)) ** 2).sum(-1).mean())
+
+
+def test_float64_tokens_give_the_float64_golden_values():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randn(12, 5, generator=g, dtype=torch.float64)
+    local = TRGLocalLoss(k=3)(s, t)
+    assert local.dtype == torch.float64
+    assert float(local) == pytest.approx(_local_reference(s, t, k=3)[0], rel=1e-10)
+    s_proj = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    glob = TRGGlobalLoss()(s_proj, t, progress=0.5)
+    assert glob.dtype == torch.float64
+    assert float(glob) == pytest.approx(_global_reference(s_proj, t, 0.3), rel=1e-12)
+    s3, t3 = s.view(2, 6, 4), t.view(2, 6, 5)
+    inner = TRGInnerLoss()(s3, t3)
+    assert inner.dtype == torch.float64
+    assert float(inner) == pytest.approx(_inner_reference(s3, t3), rel=1e-12)
+
+
+def test_bfloat16_tokens_are_computed_in_float32():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(12, 5, generator=g).bfloat16(), torch.randn(12, 5, generator=g).bfloat16()
+    cases = [
+        (TRGLocalLoss(k=3), (s, t)),
+        (TRGGlobalLoss(), (s, t)),
+        (TRGInnerLoss(), (s.view(2, 6, 5), t.view(2, 6, 5))),
+    ]
+    for loss, args in cases:
+        half = loss(*args)
+        assert half.dtype == torch.float32
+        assert torch.equal(half, loss(*(a.float() for a in args)))

@@ -172,9 +172,9 @@ def test_optimizer_and_scheduler_factories():
 
 
 def test_a_method_that_defines_no_loss_is_refused_at_construction():
-    from zoo.methods import DistillationMethod
+    from zoo.methods import ClassificationMethod
 
-    class NoLoss(DistillationMethod):
+    class NoLoss(ClassificationMethod):
         requires_teacher = False
 
     with pytest.raises(TypeError, match="NoLoss defines no loss: override loss_terms"):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.hub import export_student
+from zoo.publish import export_student
 from zoo.methods import DHKD
 from zoo.methods.dhkd import pcgrad_project
 from zoo.models import CIFARModel

@@ -83,7 +83,7 @@ def test_hybrid_keeps_the_most_attended_patches_and_both_teachers_frozen():
     method.drop_ratio = lambda: 0.0
     assert method.mask_for(x).ids_keep.shape == (2, 16)
     sum(terms.values()).backward()
-    for teacher in method._teacher:
+    for teacher in method.teachers.values():
         assert all(p.grad is None for p in teacher.parameters())
 
 

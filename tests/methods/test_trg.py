@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.methods import TRG
+from zoo.methods import TRG, ClassificationMethod
 from zoo.models import CIFARModel, TimmModel
 
 TERMS = ["ce", "kd", "inner", "local", "global"]
@@ -66,7 +66,7 @@ def test_cnn_pair_step_updates_student_not_teacher_and_logs_terms(tmp_path):
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert {k.split(".")[0] for k in saved} == {"student", "projector"}
     restored = TRG.load_from_checkpoint(path)
-    assert restored.teacher_layer == "relu" and restored.teacher.taps.paths == ["relu"]
+    assert restored.hparams.teacher_layer == "relu" and restored.teacher.taps.paths == ["relu"]
     assert all(torch.equal(v, restored.state_dict()[k]) for k, v in model.state_dict().items())
 
 
@@ -87,7 +87,7 @@ def test_cnn_student_with_vit_teacher_through_forward_intermediates(tmp_path):
 def test_taps_are_per_instance_and_token_counts_must_match():
     model = TRG(CIFARModel("resnet8"), CIFARModel("resnet14"), num_classes=10, in_chans=1,
                 student_layer="layer2", teacher_layer="layer2")
-    assert model.student_taps == ("layer2",) and TRG.student_taps == ()
+    assert model.student_taps == ("layer2",) and ClassificationMethod.student_taps == ()
     assert model.teacher.taps.paths == ["layer2"]
     with pytest.raises(ValueError, match="token_grid"):
         TRG(CIFARModel("resnet8"), CIFARModel("resnet14"), num_classes=10, in_chans=1,

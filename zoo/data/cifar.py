@@ -86,7 +86,7 @@ class _CIFARDataModule(ZooDataModule):
 
     def replay_source(self) -> tuple[Any, Any, None]:
         """The un-augmented training set (normalised tensors) and RandomCrop(32, 4) + flip as ``PadCropFlip``."""
-        from zoo.soft_labels import PadCropFlip
+        from zoo.data.transforms import PadCropFlip
 
         self._check()
         source = self._torchvision_class()(self.root, train=True, transform=self.transforms(train=False))

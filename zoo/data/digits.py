@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from zoo.data.base import ZooDataModule
-from zoo.soft_labels import PadCropFlip
+from zoo.data.transforms import PadCropFlip
 
 __all__ = ["DigitsDataModule", "TensorImageDataset", "load_digits_tensors"]
 
@@ -43,7 +43,7 @@ def _long_tailed(index: np.ndarray, labels: np.ndarray, ratio: float, seed: int)
 class TensorImageDataset(Dataset):
     """Images held in memory, with an optional random translation by up to ``shift`` pixels (zero-padded).
 
-    The translation is ``zoo.soft_labels.PadCropFlip`` without flip, drawn from torch's global generator, so the
+    The translation is ``zoo.data.transforms.PadCropFlip`` without flip, drawn from torch's global generator, so the
     online pipeline and a replayed soft-label cache (``replay_source``) use the same operation.
     """
 

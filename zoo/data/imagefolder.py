@@ -89,7 +89,7 @@ class ImageFolderDataModule(ZooDataModule):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
 
-        from zoo.soft_labels import ResizedCropFlip
+        from zoo.data.transforms import ResizedCropFlip
 
         source = ImageFolder(str(self._folder(self.train_dir)))
         to_tensor = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.losses.functional import at_least_float32
+
 __all__ = ["BinaryKLLoss", "BinaryKLNormLoss"]
 
 
@@ -33,36 +35,32 @@ def _check_temperature(owner: str, temperature: float) -> None:
 
 
 class BinaryKLNormLoss(nn.Module):
-    """BinaryKL-Norm, the distillation loss of DHKD's auxiliary head (Yang et al., arXiv 2411.08937).
+    """BinaryKL-Norm, DHKD's auxiliary-head loss: a per-class Bernoulli KL that pulls σ((z^s − z^t)/T) to ½.
 
-    Every class is treated as a binary problem on the *difference* of the logits, u = (z^s − z^t)/T, and pulled to
-    the point where student and teacher agree, σ(u) = ½:
+        u = (z^s − z^t) / T,
+        L = (T²/B) · Σ_{i,c} KL(Bern(½) ‖ Bern(σ(u_ic))) = (T²/B) · Σ_{i,c} log cosh(u_ic / 2)
 
-        L = (T²/B) · Σ_i Σ_c KL(Bern(½) ‖ Bern(σ(u_ic)))
-          = (T²/B) · Σ_i Σ_c [½·softplus(u_ic) + ½·softplus(−u_ic) − ln 2].
-
-    The sum runs over classes and is divided by the batch size B (not a per-element mean). L = 0 iff z^s = z^t;
-    L ≈ Σ (z^s − z^t)²/(8B) near agreement and grows like T·|z^s − z^t|/(2B) far from it; the gradient
-    ∂L/∂z^s = (T/B)·(σ(u) − ½) is bounded.
-
-    Form used here: the bracket equals log cosh(u/2) exactly (softplus(u) + softplus(−u) = 2·ln(2·cosh(u/2))), and
-    that is what is computed, with log1p/expm1 near 0, so the value keeps its relative precision in float32 where
-    "½·softplus(u) + ½·softplus(−u) − ln 2" would cancel. The official code (penghui-yang/DHKD, ``distiller_zoo/
-    BinaryKLNorm.py``) evaluates the same KL through ``sigmoid`` and ``log`` with σ clamped to [eps, 1 − eps]
-    (eps = 1e-8). Clamping σ(u) to [eps, 1 − eps] equals clamping u to ±ln((1 − eps)/eps) ≈ ±18.42, which is done
-    here, so the two forms agree in value and gradient (the clamp flattens the loss beyond |u| ≈ 18.4, as in the
-    code). This form is also finite where the code's float32 sigmoid is not: there 1 − 1e-8 rounds to 1, so
-    log(1 − σ(u)) = −inf once u ≳ 17. ``eps=0`` removes the clamp. Default T = 2 (the official ``--BinaryKL_T``).
+    summed over classes and divided by the batch size B (not an element mean). L = 0 iff z^s = z^t; the gradient
+    ∂L/∂z^s = (T/B) · (σ(u) − ½) is bounded. Paper: Yang et al., "Dual-Head Knowledge Distillation", arXiv
+    2411.08937. Defaults from the official code (penghui-yang/DHKD, ``distiller_zoo/BinaryKLNorm.py``): T = 2
+    (``--BinaryKL_T``), eps = 1e-8.
 
     Args:
         temperature: T.
-        eps: the clamp of σ(u), 1e-8 as in the official code.
+        eps: σ(u) is clamped to [eps, 1 − eps]; 0 removes the clamp.
+
+    .. warning::
+        The official code evaluates the KL through ``sigmoid`` and ``log`` with σ(u) clamped to [eps, 1 − eps].
+        Here the same KL is computed as log cosh(u/2) (log1p/expm1 near 0, so no cancellation) with u clamped to
+        ±ln((1 − eps)/eps) ≈ ±18.42, the equivalent clamp: value and gradient agree with the code, and the loss
+        stays finite in float32 where the code's log(1 − σ(u)) becomes −inf for u ≳ 17.
 
     Example:
         >>> loss = BinaryKLNormLoss(temperature=2.0)
-        >>> z = torch.randn(8, 10)
-        >>> float(loss(z, z))
-        0.0
+        >>> zs = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+        >>> zt = torch.tensor([[1.0, 1.0, -2.0], [0.5, 0.0, 2.0]])
+        >>> round(float(loss(zs, zt)), 4), float(loss(zt, zt))
+        (0.457, 0.0)
     """
 
     def __init__(self, temperature: float = 2.0, eps: float = 1e-8) -> None:
@@ -74,28 +72,32 @@ class BinaryKLNormLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         t = self.temperature
-        u = ((student_logits.float() - teacher_logits.detach().float()) / t).clamp(-self._bound, self._bound)
+        zs, zt = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
+        u = ((zs - zt) / t).clamp(-self._bound, self._bound)
         return _log_cosh(0.5 * u).sum() * (t * t / student_logits.shape[0])
 
 
 class BinaryKLLoss(nn.Module):
-    """BinaryKL, the per-class sigmoid KL that DHKD's analysis starts from (Yang et al., arXiv 2411.08937).
+    """BinaryKL: the per-class sigmoid KL between teacher and student that DHKD's analysis starts from.
 
-    With p = σ(z^t/T) and q = σ(z^s/T) per class (each logit a one-vs-rest probability):
+    With p = σ(z^t / T) and q = σ(z^s / T) per class (each logit a one-vs-rest probability):
 
-        L = (T²/B) · Σ_i Σ_c KL(Bern(p_ic) ‖ Bern(q_ic))
-          = (T²/B) · Σ_i Σ_c [p·(log p − log q) + (1 − p)·(log(1 − p) − log(1 − q))].
+        L = (T²/B) · Σ_{i,c} [p · (log p − log q) + (1 − p) · (log(1 − p) − log(1 − q))]
 
-    Unlike softmax KD it keeps each logit's own scale. The paper reports that adding it to CE on one linear head
-    makes that head collapse, which DHKD avoids by giving the teacher signal a second head and
-    :class:`BinaryKLNormLoss`. Computed in log-sigmoid (softplus) form, with both σ clamped to [eps, 1 − eps] as
-    in the official ``distiller_zoo/BinaryKL.py`` (again as a clamp of z/T to ±ln((1 − eps)/eps)).
+    Paper: Yang et al., "Dual-Head Knowledge Distillation", arXiv 2411.08937. It reports that adding this loss to
+    CE on a single linear head makes the head collapse; DHKD gives the teacher signal a second head and
+    :class:`BinaryKLNormLoss` instead. Defaults T = 2 and eps = 1e-8 as :class:`BinaryKLNormLoss`.
+
+    Notes:
+        The official code (``distiller_zoo/BinaryKL.py``) clamps both σ to [eps, 1 − eps]; here the loss is computed
+        in log-sigmoid (softplus) form with z/T clamped to ±ln((1 − eps)/eps), the same clamp.
 
     Example:
         >>> loss = BinaryKLLoss(temperature=2.0)
-        >>> z = torch.randn(4, 5)
-        >>> abs(float(loss(z, z))) < 1e-6
-        True
+        >>> zs = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+        >>> zt = torch.tensor([[1.0, 1.0, -2.0], [0.5, 0.0, 2.0]])
+        >>> round(float(loss(zs, zt)), 4), float(loss(zt, zt))
+        (0.4228, 0.0)
     """
 
     def __init__(self, temperature: float = 2.0, eps: float = 1e-8) -> None:
@@ -107,8 +109,8 @@ class BinaryKLLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         t, bound = self.temperature, self._bound
-        s = (student_logits.float() / t).clamp(-bound, bound)
-        z = (teacher_logits.detach().float() / t).clamp(-bound, bound)
+        s = (at_least_float32(student_logits) / t).clamp(-bound, bound)
+        z = (at_least_float32(teacher_logits.detach()) / t).clamp(-bound, bound)
         p = torch.sigmoid(z)
         # log σ(x) = −softplus(−x), log(1 − σ(x)) = −softplus(x)
         kl = p * (F.softplus(-s) - F.softplus(-z)) + (1.0 - p) * (F.softplus(s) - F.softplus(z))

@@ -2,8 +2,7 @@
 
 All three distil ViT token sequences (B, T, C), where token 0 is CLS when the model has one. Teachers are fixed
 targets: every loss detaches them, as the official codes do (DMAE ``feature_teacher.detach()``; G2SD freezes the
-teacher's parameters). Losses carry no weight; the methods multiply by theirs. Half-precision activations are promoted
-to float32 before normalisation and the reduction (float64 is kept), so AMP runs reduce in full precision.
+teacher's parameters). Losses carry no weight; the methods multiply by theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.losses.functional import at_least_float32
 from zoo.losses.trg import gather_tokens
 
 __all__ = [
@@ -31,10 +31,6 @@ __all__ = [
     "masked_relations",
     "redundant_token_keep",
 ]
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def _check_tokens(name: str, student: Tensor, teacher: Tensor) -> None:
@@ -52,8 +48,12 @@ def _check_tokens(name: str, student: Tensor, teacher: Tensor) -> None:
 def ln0(x: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm without affine parameters over the last dim: (x − mean) / √(var + eps), biased variance.
 
-    The target whitening of G2SD (``nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)`` in
+    The target whitening of G2SD (``nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)`` in the official
     ``G2SD/engine_distill.py``) and of FD (arXiv 2205.14141, which uses PyTorch's default eps 1e-5).
+
+    Example:
+        >>> ln0(torch.tensor([[1.0, 2.0, 3.0]]), eps=0.0)
+        tensor([[-1.2247,  0.0000,  1.2247]])
     """
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
@@ -64,27 +64,28 @@ def ln0(x: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 class DMAEFeatLoss(nn.Module):
-    """DMAE's intermediate-feature alignment (Bai et al., CVPR 2023, arXiv 2208.12256).
+    """DMAE's feature alignment: L1 between L2-normalised teacher tokens and projected student tokens.
 
-    With n(v) = v / ‖v‖₂ per token and g the projection C_S → C_T:
+        L = (1/(B·T·C_T)) · Σ_{b,t,c} | n(h_T)[b,t,c] − n(g(h_S))[b,t,c] |,   n(v) = v / ‖v‖₂ per token
 
-        L_dist = 1/(B·T·C_T) · Σ_{b,t,c} | n(h_T)[b,t,c] − n(g(h_S))[b,t,c] |        (``distance="l1"``)
+    h_S and h_T are the raw outputs (before the final LayerNorm) of one student and one teacher block over the same
+    tokens [CLS; visible], CLS included, and g projects C_S → C_T. The element mean over unit vectors makes the
+    values small (about 1/√C_T per element), as in the official code. Paper: Bai et al., "Masked Autoencoders Enable
+    Efficient Knowledge Distillers", CVPR 2023, arXiv 2208.12256.
 
-    and the element-wise mean of the squared difference for ``distance="l2"``. h_S and h_T are the raw outputs
-    (before the final LayerNorm) of student block k_S and teacher block k_T over the same tokens [CLS; visible];
-    the caller passes all of them, CLS included. Because the L1 is an element mean over unit vectors, values are
-    small (about 1/√C_T per element); that is the official scale, not a bug.
+    Args:
+        student_dim: C_S.
+        teacher_dim: C_T.
+        projection: g, as the official ``models_mae_distill.py`` (UCSC-VLAA/DMAE) builds it: ``"fc-1layer"``
+            Linear(C_S, C_T) (default, the released ``pretrain.sh``); ``"mlp-1layer"`` Linear(C_S, C_T) − GELU −
+            Linear(C_T, C_T); ``"mlp-2layer"`` two such MLPs in sequence, with no activation between them.
+        distance: ``"l1"`` (default) or ``"l2"``, the mean of squares (``nn.MSELoss`` in the official code).
 
-    Projections (``models_mae_distill.py`` in UCSC-VLAA/DMAE):
-        - ``fc-1layer`` (default, the released ``pretrain.sh``): Linear(C_S, C_T).
-        - ``mlp-1layer``: Linear(C_S, C_T) − GELU − Linear(C_T, C_T).
-        - ``mlp-2layer``: two such MLPs in sequence, C_S → C_T → C_T then C_T → C_T → C_T, with no activation
-          between them. The released code builds the first from an undefined name (``_feature_dim``), so this option
-          never ran there; we read it as C_S, the only width that fits.
-
-    Code-vs-paper notes: the official heads are built after the model's xavier initialisation, so they keep
-    PyTorch's default ``nn.Linear`` init, as here; the optional dropout inside ``mlp-1layer`` defaults to 0 there and
-    is left out. The official "L2" is ``nn.MSELoss`` (mean of squares), not a norm.
+    Notes:
+        The official heads are built after the model's xavier initialisation, so they keep PyTorch's default
+        ``nn.Linear`` init, as here; the optional dropout of ``mlp-1layer`` (0 there) is left out. The official
+        ``mlp-2layer`` takes its input width from an undefined name and never ran; here it is C_S, the only width
+        that fits.
 
     Example:
         >>> loss = DMAEFeatLoss(8, 16)
@@ -119,8 +120,8 @@ class DMAEFeatLoss(nn.Module):
 
     def forward(self, student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
         _check_tokens("DMAEFeatLoss", student_tokens, teacher_tokens)
-        s = F.normalize(_at_least_float32(self.projection(student_tokens)), dim=-1)
-        t = F.normalize(_at_least_float32(teacher_tokens.detach()), dim=-1)
+        s = F.normalize(at_least_float32(self.projection(student_tokens)), dim=-1)
+        t = F.normalize(at_least_float32(teacher_tokens.detach()), dim=-1)
         if self.distance == "l1":
             return F.l1_loss(s, t)
         return F.mse_loss(s, t)
@@ -136,27 +137,23 @@ def _mlp(c_in: int, hidden: int, c_out: int) -> nn.Sequential:
 
 
 class G2SDDecoderLoss(nn.Module):
-    """G2SD generic distillation: the student's decoder predicts the teacher's intermediate decoder states.
+    """G2SD's generic distillation: the student's decoder predicts the teacher's intermediate decoder states.
 
-    (Huang et al., CVPR 2023, arXiv 2302.14771.) With φ = Linear(C_S, hidden) − GELU − Linear(hidden, C_T):
+        L = mean_{b, t ∈ S, c} SL1_β(φ(H_S)[b,t,c], LN0(H_T)[b,t,c]),   SL1_β(d) = 0.5·d²/β if |d| < β else |d| − β/2
 
-        L_GD = mean_{b, t ∈ S, c} SL1_β( φ(H_S)[b,t,c], LN0(H_T)[b,t,c] ),
-        SL1_β(d) = 0.5·d²/β if |d| < β else |d| − β/2,
+    with φ = Linear(C_S, hidden) − GELU − Linear(hidden, C_T), H_S the student's full decoder output and H_T the
+    teacher decoder's hidden states after its first k blocks (neither through the decoder norm), both (B, T, ·) over
+    the unshuffled sequence [CLS; patches]. Paper: Huang et al., "Generic-to-Specific Distillation of Masked
+    Autoencoders", CVPR 2023, arXiv 2302.14771.
 
-    where H_S is the student's full decoder output (no decoder_norm), H_T the teacher decoder's hidden states after
-    its first k blocks (no norm), both (B, T, ·) over the unshuffled sequence [CLS; all patches], and S is every
-    token (``supervise_all=True``, the default of the official ``main_distill.py``, which ``GD.sh`` keeps) or only
-    the masked patches (``supervise_all=False``; CLS never counts). The official reduction is
-    ``F.smooth_l1_loss(..., beta=2.0)`` with 'mean', i.e. over tokens and channels; with ``supervise_all=False`` it
-    selects the masked tokens first, which is the same mean over the selected elements.
+    Defaults from the official code (pengzhiliang/G2SD, ``G2SD/models_mae.py``, ``main_distill.py``, ``GD.sh``):
+    hidden = C_T, β = 2, LN0 eps 1e-6, and S = every token (``supervise_all=True``); ``supervise_all=False``
+    keeps only the masked patches (CLS never counts). φ gets xavier-uniform weights and zero biases, as the official
+    head gets from the model's init pass. The official encoder-feature branch is multiplied by 0 and is left out.
 
-    Defaults from ``G2SD/models_mae.py``: hidden = C_T (``Mlp(decoder_dim, C_T, C_T)``), β = 2, LN0 eps 1e-6. The
-    official head is built before the model's ``_init_weights`` pass, so it gets xavier-uniform weights and zero
-    biases; we initialise it the same way. The official encoder-feature branch is multiplied by 0 and is left out.
-
-    ``mask`` marks masked (removed) patches with 1, as MAE returns it: shape (B, T−1) for the patches after a
-    leading CLS, or (B, T) read per token as given (for sequences without CLS). With no masked token in the batch
-    the loss is 0 (the official mean would be NaN).
+    ``forward(student_tokens, teacher_tokens, mask)``: ``mask`` marks masked patches with 1, as MAE returns it,
+    (B, T−1) after a leading CLS or (B, T) per token; it is needed only with ``supervise_all=False``, and a batch
+    without a masked token gives 0 (the official mean would be NaN).
 
     Example:
         >>> loss = G2SDDecoderLoss(8, 16)
@@ -188,8 +185,8 @@ class G2SDDecoderLoss(nn.Module):
 
     def forward(self, student_tokens: Tensor, teacher_tokens: Tensor, mask: Tensor | None = None) -> Tensor:
         _check_tokens("G2SDDecoderLoss", student_tokens, teacher_tokens)
-        pred = _at_least_float32(self.head(student_tokens))
-        target = ln0(_at_least_float32(teacher_tokens.detach()), self.eps)
+        pred = at_least_float32(self.head(student_tokens))
+        target = ln0(at_least_float32(teacher_tokens.detach()), self.eps)
         if self.supervise_all:
             return F.smooth_l1_loss(pred, target, beta=self.beta)
         if mask is None:
@@ -216,7 +213,12 @@ class G2SDDecoderLoss(nn.Module):
 
 
 def attention_logits(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
-    """Pre-softmax attention q·kᵀ·scale of (B, H, T, d) queries and keys: (B, H, T, T); scale defaults to 1/√d."""
+    """Pre-softmax attention q·kᵀ·scale of (B, H, T, d) queries and keys: (B, H, T, T); scale defaults to 1/√d.
+
+    Example:
+        >>> attention_logits(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)).shape
+        torch.Size([2, 3, 5, 5])
+    """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return (q @ k.transpose(-2, -1)) * scale
@@ -228,6 +230,10 @@ def keep_with_cls(patch_keep: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     ``redundant_token_keep`` and MAE's ``ids_keep`` index patches; the relation and feature losses index the full
     token sequence. The prefix tokens come first and are always kept, the patches follow in ``patch_keep`` order,
     which must be the order of the student's own sequence.
+
+    Example:
+        >>> keep_with_cls(torch.tensor([[3, 0]]))
+        tensor([[0, 4, 1]])
     """
     prefix = torch.arange(num_prefix_tokens, device=patch_keep.device, dtype=patch_keep.dtype)
     return torch.cat([prefix.expand(patch_keep.shape[0], -1), patch_keep + num_prefix_tokens], dim=1)
@@ -240,7 +246,7 @@ def _masked_log_relations(logits: Tensor, keep: Tensor) -> Tensor:
     k = keep.shape[1]
     rows = logits.gather(2, keep[:, None, :, None].expand(b, h, k, t))
     kept = rows.gather(3, keep[:, None, None, :].expand(b, h, k, k))
-    return F.log_softmax(_at_least_float32(kept), dim=-1)
+    return F.log_softmax(at_least_float32(kept), dim=-1)
 
 
 def masked_relations(logits: Tensor, keep: Tensor) -> Tensor:
@@ -249,8 +255,14 @@ def masked_relations(logits: Tensor, keep: Tensor) -> Tensor:
     ``logits`` (B, H, T, T) are pre-softmax attention scores on the full sequence (``attention_logits``); ``keep``
     (B, K) are token indices into it (use ``keep_with_cls`` to keep CLS at index 0). Returns (B, H, K, K), each row
     summing to 1: R[b, h, i, j] = exp(A[b, h, keep_i, keep_j]) / Σ_{j'} exp(A[b, h, keep_i, keep_j']). With every
-    token kept in order it is softmax(logits). This masked softmax is our reading of Hybrid Distill (spec §2, no
-    official code): the teacher's relations are what its attention would be among the tokens the student sees.
+    token kept in order it is softmax(logits). Hybrid Distill has no official code; this masked softmax is this
+    module's reading of it: the teacher's relations are what its attention would be among the tokens the student
+    sees.
+
+    Example:
+        >>> masked_relations(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 2]]))
+        tensor([[[[0.5000, 0.5000],
+                  [0.5000, 0.5000]]]])
     """
     return _masked_log_relations(logits, keep).exp()
 
@@ -263,19 +275,24 @@ def _log_mean_heads(log_p: Tensor, groups: int) -> Tensor:
 
 
 class HybridRelationLoss(nn.Module):
-    """Hybrid Distill's token-relation term against the MIM teacher (Shi et al., ICLR 2024, arXiv 2306.15876).
+    """Hybrid Distill's token-relation term: the student's attention relations match the MIM teacher's.
 
-        D_r = 1/(B·H·K) · Σ_{b,h,i} KL( R_T[b,h,i,:] ‖ R_S[b,h,i,:] ),
-        R_S = softmax(student logits),  R_T = masked_relations(teacher logits, keep),
+        D_r = 1/(B·H·K) · Σ_{b,h,i} KL(R_T[b,h,i,:] ‖ R_S[b,h,i,:]),
+        R_S = softmax(student logits),   R_T = masked_relations(teacher logits, keep)
 
-    for one student layer; the method sums or averages over the distilled layers I. The student sees only the K kept
-    tokens (its logits are (B, H_S, K, K), token order = ``keep``); the teacher sees the full image (B, H_T, T, T)
-    and is detached.
+    for one student layer; the method sums or averages over the distilled layers. The student sees only the K kept
+    tokens (logits (B, H_S, K, K), token order = ``keep``); the teacher sees the full image (logits (B, H_T, T, T))
+    and is detached. Paper: Shi et al., "Hybrid Distillation: Connecting Masked Autoencoders with Contrastive
+    Learners", ICLR 2024, arXiv 2306.15876.
 
-    No official code exists, so the head handling is our choice. With H_S = H_T both modes pair head h with head h.
-    When they differ, ``head_reduction="mean"`` averages each side's relations over all its heads (probabilities,
-    so rows still sum to 1) and compares the two average maps; ``"match"`` averages the side with more heads in
-    contiguous groups down to the smaller count (which must divide the larger) and pairs the groups.
+    Args:
+        head_reduction: how unequal head counts are compared (equal counts always pair head h with head h).
+            ``"mean"``: each side's relations averaged over all its heads (as probabilities, so rows still sum to
+            1); ``"match"``: the side with more heads averaged in contiguous groups down to the smaller count, which
+            must divide the larger, and the groups paired.
+
+    Notes:
+        Hybrid Distill has no official code; the head handling is this module's choice.
 
     Example:
         >>> loss = HybridRelationLoss()
@@ -304,7 +321,7 @@ class HybridRelationLoss(nn.Module):
                 f"HybridRelationLoss: student logits {tuple(student_logits.shape)} must be over the K = {k} kept tokens"
             )
         log_t = _masked_log_relations(teacher_logits.detach(), keep)
-        log_s = F.log_softmax(_at_least_float32(student_logits), dim=-1)
+        log_s = F.log_softmax(at_least_float32(student_logits), dim=-1)
         h_s, h_t = log_s.shape[1], log_t.shape[1]
         if h_s != h_t:
             if self.head_reduction == "mean":
@@ -321,15 +338,19 @@ class HybridRelationLoss(nn.Module):
 
 
 class HybridFeatureLoss(nn.Module):
-    """Hybrid Distill's feature term against the discriminative teacher (CLIP/DeiT), in the style of FD.
+    """Hybrid Distill's feature term: the student's last-layer tokens predict the discriminative teacher's.
 
-        D_f = mean_{b, i, c} SL1_β( h(s)[b,i,c], LN0(t_full[b, keep_i, :])[c] )     (or the mean squared error)
+        D_f = mean_{b,i,c} SL1_β(h(s)[b,i,c], LN0(t[b, keep_i, :])[c])      (or the mean squared error)
 
-    with h = Linear(C_S, C_T) on the student's last-layer tokens s (B, K, C_S), and the teacher's last-layer tokens
-    t_full (B, T, C_T) on the full image gathered at ``keep`` (B, K) token indices (``keep_with_cls``), detached.
-    The loss form is unverified for Hybrid Distill (no code; spec §2). We follow FD (arXiv 2205.14141,
-    ``models/feature_distillation.py``): a 1×1 (linear) head, LayerNorm-without-affine target, smooth-L1 with
-    β = 2, mean reduction. FD's LN eps is PyTorch's 1e-5; we use ``ln0``'s 1e-6, as G2SD does.
+    with h = Linear(C_S, C_T) on the student's last-layer tokens s (B, K, C_S) and the teacher's (CLIP, DeiT)
+    last-layer tokens t (B, T, C_T) on the full image, gathered at the ``keep`` (B, K) token indices
+    (:func:`keep_with_cls`) and detached. Paper: arXiv 2306.15876. Defaults β = 2, smooth-L1, follow FD
+    (arXiv 2205.14141, official ``models/feature_distillation.py``).
+
+    Notes:
+        Hybrid Distill has no official code, so its loss form is not verified; this module follows FD: a linear
+        head, a LayerNorm-without-affine target, smooth-L1 with β = 2 and a mean reduction. FD's LayerNorm eps is
+        PyTorch's 1e-5; :func:`ln0`'s 1e-6 is used here, as in G2SD.
 
     Example:
         >>> loss = HybridFeatureLoss(8, 16)
@@ -360,8 +381,8 @@ class HybridFeatureLoss(nn.Module):
                 "HybridFeatureLoss: expected student (B, K, C_S), teacher (B, T, C_T) and keep (B, K), got "
                 f"{tuple(student_tokens.shape)}, {tuple(teacher_tokens.shape)} and {tuple(keep.shape)}"
             )
-        pred = _at_least_float32(self.head(student_tokens))
-        target = ln0(_at_least_float32(gather_tokens(teacher_tokens.detach(), keep)))
+        pred = at_least_float32(self.head(student_tokens))
+        target = ln0(at_least_float32(gather_tokens(teacher_tokens.detach(), keep)))
         if self.distance == "smooth_l1":
             return F.smooth_l1_loss(pred, target, beta=self.beta)
         return F.mse_loss(pred, target)
@@ -372,8 +393,12 @@ def redundant_token_keep(cls_attention: Tensor, drop_ratio: float) -> Tensor:
 
     ``cls_attention`` is the discriminative teacher's last-layer CLS→patch attention, (B, H, N) (averaged over heads
     here) or (B, N); for a ViT with CLS first that is ``attn[:, :, 0, 1:]``. The least-attended patches are dropped
-    (Hybrid Distill's redundant token masking; the ranking rule is our reading, spec §2). round() is half-up. The
-    indices are patch indices; pass them through ``keep_with_cls`` for the losses.
+    (Hybrid Distill's redundant token masking; the ranking rule is this module's reading of the paper). round() is
+    half-up. The indices are patch indices; pass them through :func:`keep_with_cls` for the losses.
+
+    Example:
+        >>> redundant_token_keep(torch.tensor([[0.1, 0.4, 0.2, 0.3]]), drop_ratio=0.5)
+        tensor([[1, 3]])
     """
     if not 0.0 <= drop_ratio < 1.0:
         raise ValueError(f"redundant_token_keep: drop_ratio must be in [0, 1), got {drop_ratio}")
@@ -395,7 +420,7 @@ class ProgressiveMaskSchedule:
 
     ``schedule(progress)`` with progress = step / total_steps in [0, 1] returns ``ratios[i]`` for the last
     ``milestones[i] ≤ progress`` (0 before the first milestone). The defaults, three equal stages 0 → 0.15 → 0.3,
-    are our choice: the paper's schedule is unverified (spec §2: from 0 to about 0.3–0.4 in 2–3 stages).
+    are this module's choice: the paper's masking is progressive, but its exact schedule is not known.
 
     Example:
         >>> s = ProgressiveMaskSchedule()

@@ -6,32 +6,48 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.losses.functional import at_least_float32
+
 __all__ = ["LogitDiscriminator", "MEALV2DiscriminatorLoss", "SoftCrossEntropy"]
 
 
 class SoftCrossEntropy(nn.Module):
-    """Soft cross-entropy to a target distribution (MEAL V2's similarity loss, arXiv 2009.08453):
+    """Soft cross-entropy to a target distribution: MEAL V2's similarity loss.
 
-        L_sim = −(1/B)·Σ_i Σ_c p̄_ic·log softmax(z^s_i)_c  =  KL(p̄ ‖ p^s) + H(p̄),
+        L = −(1/B) · Σ_i Σ_c p̄_ic · log softmax(z^s_i)_c  =  KL(p̄ ‖ p^s) + H(p̄)
 
-    where p̄ = (1/K)·Σ_k softmax(z^{t_k}) is the ensemble's average of *probabilities* at T = 1 (official
-    ``extensions/kd_loss.py``). The target is passed as log-probabilities (``zoo.teacher.Teacher`` returns log p̄
-    for a ``prob`` ensemble). No hard label enters.
+    In MEAL V2, p̄ = (1/K) · Σ_k softmax(z^{t_k}) is the teacher ensemble's average of probabilities at T = 1, and
+    no hard label enters (official code, szq0214/MEAL-V2, ``extensions/kd_loss.py`` and
+    ``extensions/teacher_wrapper.py``). Paper: Shen and Savvides, "MEAL V2", arXiv 2009.08453. The target is passed
+    as log-probabilities, as :class:`zoo.teacher.Teacher` returns log p̄ for a ``prob`` ensemble.
+
+    Example:
+        >>> loss = SoftCrossEntropy()
+        >>> zs = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]])
+        >>> zt = torch.tensor([[1.0, 1.0, -2.0], [0.5, 0.0, 2.0]])
+        >>> round(float(loss(zs, zt.log_softmax(dim=1))), 4)
+        1.2489
     """
 
     def forward(self, student_logits: Tensor, target_log_probs: Tensor) -> Tensor:
-        target = target_log_probs.float().exp()
-        return -(target * F.log_softmax(student_logits.float(), dim=1)).sum(1).mean()
+        target = at_least_float32(target_log_probs).exp()
+        return -(target * F.log_softmax(at_least_float32(student_logits), dim=1)).sum(1).mean()
 
 
 class LogitDiscriminator(nn.Sequential):
-    """MEAL V2's discriminator on C-dimensional logits (``models/discriminator.py``: three 1×1 convolutions).
+    """MEAL V2's discriminator on C-dimensional logits: C → h1 → h2 → 2, with a ReLU after every layer.
 
-    C → h1 → h2 → 2 with h1 = max(C // 8, min_hidden) and h2 = max(h1 // 8, min_hidden), and a ReLU after *every*
-    layer, the last one included, as in the official code. ``min_hidden`` is our addition: the official widths
-    reach 0 for C < 64 (C = 10: 1 and 0). The default floor 1 changes only a 0, so ImageNet (1000 → 125 → 15 → 2)
-    and CIFAR-100 (100 → 12 → 1 → 2) keep the official widths. The digits config's floor 5 gives 10 → 5 → 5 → 2 (the
-    spec's prototype used 10 → 5 → 2 → 2, which no single floor gives).
+    h1 = max(C // 8, min_hidden), h2 = max(h1 // 8, min_hidden). The official code (``models/discriminator.py``)
+    builds it from three 1×1 convolutions, which act as these linear layers, and ends with a ReLU, kept here.
+
+    Notes:
+        ``min_hidden`` is not in the official code, whose widths reach 0 for C < 64 (C = 10: 1 and 0). The default
+        floor 1 changes only a 0, so ImageNet (1000 → 125 → 15 → 2) and CIFAR-100 (100 → 12 → 1 → 2) keep the
+        official widths.
+
+    Example:
+        >>> [m.out_features for m in LogitDiscriminator(1000) if isinstance(m, nn.Linear)]
+        [125, 15, 2]
     """
 
     def __init__(self, num_classes: int, min_hidden: int = 1) -> None:
@@ -43,17 +59,26 @@ class LogitDiscriminator(nn.Sequential):
 
 
 class MEALV2DiscriminatorLoss(nn.Module):
-    """BCE-with-logits of the discriminator on [z^s; z̄^t] (official ``loss.py``, ``discriminatorLoss``).
+    """MEAL V2's discriminator loss: BCE-with-logits of the discriminator on student and teacher logits.
 
-    Student rows have target [1, 0], teacher rows [0, 1]; the mean runs over the 2B × 2 entries. z̄^t is the mean
-    of the teachers' raw logits. In MEAL V2 the student minimises this loss jointly with the discriminator (one
-    optimizer, no gradient reversal): the discriminator acts as a regulariser, not as an adversary.
+        L = mean over the 2B × 2 entries of BCEWithLogits(D([z^s; z̄^t]), [[1, 0]] * B + [[0, 1]] * B)
+
+    Student rows have target [1, 0], teacher rows [0, 1]; z̄^t is the mean of the teachers' raw logits (official
+    code, ``loss.py``, ``discriminatorLoss``). Paper: Shen and Savvides, "MEAL V2", arXiv 2009.08453. The student
+    minimises this loss jointly with the discriminator (one optimizer, no gradient reversal): the discriminator is a
+    regulariser, not an adversary. The teacher logits are detached.
+
+    Example:
+        >>> loss = MEALV2DiscriminatorLoss()
+        >>> round(float(loss(nn.Identity(), torch.zeros(4, 2), torch.zeros(4, 2))), 4)  # cannot tell: ln 2
+        0.6931
     """
 
     def forward(self, discriminator: nn.Module, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         inputs = torch.cat([student_logits, teacher_logits.detach().to(student_logits.dtype)], dim=0)
         b = student_logits.shape[0]
-        targets = torch.zeros(2 * b, 2, device=inputs.device)
+        scores = at_least_float32(discriminator(inputs))
+        targets = torch.zeros(2 * b, 2, device=scores.device, dtype=scores.dtype)
         targets[:b, 0] = 1.0
         targets[b:, 1] = 1.0
-        return F.binary_cross_entropy_with_logits(discriminator(inputs).float(), targets)
+        return F.binary_cross_entropy_with_logits(scores, targets)

@@ -1,22 +1,15 @@
 """TRG: knowledge distillation via a token-level relationship graph (Zhang, Liu, He; arXiv 2306.12442).
 
-Tokens are the positions of a feature map (CNN) or the patch tokens of a ViT. The same ``m`` positions are sampled
-in every image for teacher and student, giving N = B·m graph nodes, and three terms transfer the teacher's token
-relations:
+Tokens are the positions of a feature map (CNN) or the patch tokens of a ViT. The same m positions are sampled in
+every image for teacher and student, giving N = B·m graph nodes, and three terms transfer the teacher's relations:
+:class:`TRGLocalLoss` (k-NN neighbourhoods of the token graph), :class:`TRGGlobalLoss` (InfoNCE over all nodes with
+a decaying temperature) and :class:`TRGInnerLoss` (the "contextual loss": token similarities within each image).
 
-- :class:`TRGLocalLoss`: the k-NN neighbourhoods of the teacher's token graph (Gaussian-kernel edges);
-- :class:`TRGGlobalLoss`: the global token topology, as InfoNCE between projected student tokens and teacher
-  tokens with a temperature that decays over training;
-- :class:`TRGInnerLoss`: the "contextual loss", token-to-token similarity inside each image.
-
-What could be checked, and against what: no official or third-party code was found, and the method section of the
-paper could not be read here (only its abstract and the opening of its introduction, on arxiv.org and ar5iv). The
-abstract confirms token-level relations, a "contextual loss" for the inner-instance context, and gains on
-imbalanced data. The formulas below come from secondary summaries, not from the paper: a paper-summary note in a
-public GitHub repository, which writes out L_total, the kernel, L_local, L_global and CS, and this project's spec
-(``shared/specs/classification.md`` §5, itself from "a third-party summary"). The two agree except for the order
-of the KL arguments in L_local. Everything not in a formula is this module's choice, named as such in the class
-docstrings, and each choice is a constructor argument.
+.. warning::
+    No official code is public, and the formulas here follow a published summary of the paper rather than its
+    method section (the abstract confirms token-level relations, a contextual loss and gains on imbalanced data).
+    Everything a formula leaves open is this module's choice and a constructor argument, named in each class's
+    Notes.
 """
 
 from __future__ import annotations
@@ -27,6 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.losses.functional import at_least_float32
 
 __all__ = [
     "TRGGlobalLoss",
@@ -77,14 +72,26 @@ def feature_tokens(features: Tensor, prefix_tokens: int = 0, grid: int | None = 
 def sample_token_positions(
     batch: int, length: int, m: int, device: torch.device | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
-    """``m`` distinct token positions per image, ``(B, m)``, drawn uniformly with the torch RNG (or ``generator``)."""
+    """``m`` distinct token positions per image, ``(B, m)``, drawn uniformly with the torch RNG (or ``generator``).
+
+    Example:
+        >>> sample_token_positions(2, 16, 4).shape
+        torch.Size([2, 4])
+    """
     if not 1 <= m <= length:
         raise ValueError(f"sample_token_positions: m must be in [1, {length}] (tokens per image), got {m}")
     return torch.rand(batch, length, device=device, generator=generator).argsort(dim=1)[:, :m]
 
 
 def gather_tokens(tokens: Tensor, positions: Tensor) -> Tensor:
-    """The tokens ``(B, L, D)`` at ``positions`` ``(B, m)``: ``(B, m, D)``."""
+    """The tokens ``(B, L, D)`` at ``positions`` ``(B, m)``: ``(B, m, D)``.
+
+    Example:
+        >>> tokens = torch.arange(12.0).view(1, 4, 3)
+        >>> gather_tokens(tokens, torch.tensor([[2, 0]]))
+        tensor([[[6., 7., 8.],
+                 [0., 1., 2.]]])
+    """
     return tokens.gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
@@ -130,6 +137,11 @@ def knn_graph(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k nearest neighbours (Euclidean, self excluded) of each row of ``x`` ``(N, D)``.
 
     Returns the indices ``(N, k)`` (nearest first) and all squared distances ``(N, N)``.
+
+    Example:
+        >>> idx, d2 = knn_graph(torch.tensor([[0.0], [1.0], [3.0]]), k=1)
+        >>> idx.flatten().tolist(), d2[0].tolist()
+        ([1, 0, 1], [0.0, 1.0, 9.0])
     """
     n = x.shape[0]
     if not 1 <= k < n:
@@ -141,43 +153,37 @@ def knn_graph(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 class TRGLocalLoss(nn.Module):
-    """TRG's local preserving loss: the student keeps the teacher's k-NN token neighbourhoods.
+    """TRG's local-preserving loss: the student keeps the teacher's k-NN token neighbourhoods.
 
-    On the N = B·m sampled tokens (nodes), the teacher's k-NN graph (Euclidean) has Gaussian-kernel edges
+    On N token nodes, with kNN(i) the teacher's k nearest neighbours of node i (Euclidean, self excluded) and the
+    Gaussian kernel A_ij = exp(−‖x_i − x_j‖² / (2σ)) on the teacher's (A^T) and the student's (A^S) tokens:
 
-        A_ij = exp(−‖T_i − T_j‖² / (2σ))  for j ∈ kNN(i),  0 otherwise,
+        L = (1/N) · Σ_i KL(softmax_{j ∈ kNN(i)}(A^T_ij) ‖ softmax_{j ∈ kNN(i)}(A^S_ij))
 
-    A^S is the same kernel on the student's tokens, and
+    Paper: arXiv 2306.12442 (the k-NN graph, the kernel with 2σ and a KL between row-softmaxes of the two
+    adjacency matrices). The teacher's graph is built under ``no_grad``.
 
-        L_local = (1/N) · Σ_i KL(softmax_j(A^T_i) ‖ softmax_j(A^S_i)).
+    Args:
+        k: neighbours per node, capped at N − 1 (a single node gives 0).
+        sigma: a fixed σ, or ``"data"``: the mean squared k-NN distance of the teacher's graph, per batch, used for
+            both graphs.
+        normalize: L2-normalise the tokens first, so both graphs' squared distances lie in [0, 4].
+        knn_source: ``"teacher"``: both graphs use the teacher's neighbour sets; ``"own"``: each graph its own
+            (needs ``support="all"``).
+        support: ``"knn"``: the softmax runs over the k neighbours; ``"all"``: over every other node, with A = 0
+            off the graph (the summary's formula read literally).
+        direction: ``"teacher_student"``: KL(teacher ‖ student), as in Hinton KD; ``"student_teacher"`` flips it.
+        row_logits: ``"affinity"``: the softmax takes A, as the formula is written; ``"log_affinity"``: it takes
+            log A = −‖·‖²/(2σ), a normalised Gaussian kernel as in SNE, with far sharper rows (needs
+            ``support="knn"``).
 
-    From the paper (via the summaries): the k-NN graph on Euclidean distance, the kernel with 2σ, a KL between
-    row-softmaxes of the two adjacency matrices, summed over nodes. The softmax is of the kernel values A themselves
-    (not of log A), as the formula is written. Because A ∈ (0, 1], every row distribution is close to uniform and the
-    term stays small whatever the student does: on digits (resnet32 layer3 teacher, 512 nodes, k = 8, σ from the
-    data) a student whose tokens are the teacher's shuffled scores about 0.009, and a random student about the same;
-    ``row_logits="log_affinity"`` raises both to 0.05–0.13.
-
-    Choices (unverified, each an argument):
-        - ``sigma="data"`` (default): σ = mean squared k-NN distance of the teacher graph, recomputed per batch and
-          used for both graphs. The spec's toy found that a fixed σ = 1 on L2-normalised tokens leaves this term
-          near 0 (about 0.01) for the whole run.
-        - ``normalize=True``: tokens are L2-normalised before the graph, so teacher and student distances share a
-          scale (both in [0, 4]) whatever their widths.
-        - ``knn_source="teacher"``: both A^T and A^S use the teacher's neighbour sets (``"own"``: each graph its own
-          k-NN, which needs ``support="all"``).
-        - ``support="knn"``: the softmax runs over the k neighbours of node i. ``"all"`` takes the summary's
-          formula literally: a softmax over all other nodes, with A = 0 (exp(0) = 1 in the softmax) off the graph.
-        - ``direction="teacher_student"``: KL(teacher ‖ student), as in Hinton KD. The summary writes the student
-          first, but it writes Hinton's KD as KL(p^S ‖ p^T) too, so its order is not evidence;
-          ``"student_teacher"`` flips it.
-        - ``row_logits="affinity"``: the softmax takes A, as written. ``"log_affinity"`` takes log A =
-          −‖·‖²/(2σ) instead (a normalised Gaussian kernel, as in SNE), whose rows are far sharper; with
-          ``support="all"`` it is only defined on the k-NN support, so it needs ``support="knn"``.
-        - k is capped at N − 1 when a batch has fewer nodes; a single node gives 0.
-        - Self-loops are excluded from kNN(i); the node mean (1/N) replaces the paper's sum so the scale does not
-          grow with the batch.
-        - The teacher's graph (neighbours, σ, A^T) is built under ``no_grad``.
+    Notes:
+        - The defaults are this module's choices. With a fixed σ = 1 on normalised tokens every row of A is nearly
+          uniform and the term stays near 0, hence ``sigma="data"``.
+        - Since A ∈ (0, 1], the rows of ``row_logits="affinity"`` are close to uniform, so the term stays small
+          whatever the student does; ``"log_affinity"`` gives it a wider range.
+        - The node mean (1/N) replaces the paper's sum, so the scale does not grow with the batch. The summary
+          writes the KL with the student first, but it writes Hinton's KD that way too, so the default follows KD.
 
     Example:
         >>> loss = TRGLocalLoss(k=4)
@@ -222,7 +228,7 @@ class TRGLocalLoss(nn.Module):
         self.knn_source, self.support, self.direction, self.row_logits = knn_source, support, direction, row_logits
 
     def _prepare(self, x: Tensor) -> Tensor:
-        x = x.float()
+        x = at_least_float32(x)
         return F.normalize(x, dim=-1) if self.normalize else x
 
     @torch.no_grad()
@@ -272,25 +278,29 @@ class TRGLocalLoss(nn.Module):
 class TRGGlobalLoss(nn.Module):
     """TRG's global topology loss: InfoNCE between student and teacher tokens with a decaying temperature.
 
-        L_global = −(1/N) · Σ_i log [ exp(cos(g_i, T_j=i) / τ_g) / Σ_j exp(cos(g_i, T_j) / τ_g) ]
+        L = −(1/N) · Σ_i log [exp(cos(g_i, t_i) / τ) / Σ_j exp(cos(g_i, t_j) / τ)],
+        τ(p) = τ_start + (τ_end − τ_start) · p
 
-    where g_i is the linear projection of student token i (the projector belongs to the method, so this loss is
-    parameter-free: pass already projected student tokens of the teacher's width), T_j the teacher tokens, and the
-    sums run over all N = B·m nodes with j = i the positive.
+    over all N nodes, with g_i the projected student token i, t_j the teacher tokens and p ∈ [0, 1] the training
+    progress. The projector belongs to the method: pass student tokens already at the teacher's width. Paper: arXiv
+    2306.12442 (InfoNCE on cosine similarity after a linear projection, the same node as the positive, and a
+    temperature that is high early and low late).
 
-    From the paper (via the summaries): InfoNCE, cosine similarity after a linear projection of the student, the
-    same node as the positive, and a dynamic τ_g, high early (coarse structure) and low late (fine structure).
-    Choices (unverified): the schedule, τ_g(p) = τ_start + (τ_end − τ_start)·p for training progress p ∈ [0, 1],
-    with τ_start = 0.5 and τ_end = 0.1 (the spec's choice); the node mean (1/N) instead of the sum; one direction
-    (student anchors, teacher candidates).
+    Args:
+        tau_start: τ at p = 0.
+        tau_end: τ at p = 1.
+
+    Notes:
+        The linear schedule with τ from 0.5 to 0.1, the node mean (1/N) instead of the sum, and the single
+        direction (student anchors, teacher candidates) are this module's choices.
 
     Example:
         >>> loss = TRGGlobalLoss()
         >>> loss.temperature(0.0), loss.temperature(1.0)
         (0.5, 0.1)
         >>> x = torch.eye(8)
-        >>> float(loss(x, x, progress=1.0)) < 0.01
-        True
+        >>> round(float(loss(x, x, progress=1.0)), 4)  # log(1 + 7·e^−10)
+        0.0003
     """
 
     def __init__(self, tau_start: float = 0.5, tau_end: float = 0.1) -> None:
@@ -313,8 +323,8 @@ class TRGGlobalLoss(nn.Module):
                 f"TRGGlobalLoss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} tokens must have "
                 "the same shape (project the student tokens to the teacher's width first)"
             )
-        s = F.normalize(student.float(), dim=-1)
-        t = F.normalize(teacher.float(), dim=-1)
+        s = F.normalize(at_least_float32(student), dim=-1)
+        t = F.normalize(at_least_float32(teacher), dim=-1)
         logits = s @ t.T / self.temperature(progress)
         return F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
 
@@ -323,17 +333,18 @@ class TRGGlobalLoss(nn.Module):
 class TRGInnerLoss(nn.Module):
     """TRG's contextual (inner-image) loss: the student keeps the teacher's token-to-token similarities per image.
 
-    For each image, with F its token matrix (L × D),
+        CS = softmax_row(F · Fᵀ / √D),   L = (1/(B·L)) · Σ_{b,i} Σ_j (CS^T[b,i,j] − CS^S[b,i,j])²
 
-        CS = softmax_row(F·Fᵀ / √D),    L_inner = MSE(CS^T, CS^S),
+    for each image's token matrix F (L × D). Teacher and student need the same L, not the same D: each side scales
+    by its own √D. CS^T is computed under ``no_grad``. Paper: arXiv 2306.12442 (the CS formula and an MSE).
 
-    the MSE summed over the last dimension (each row is a distribution) and averaged over images and rows. Teacher
-    and student need the same tokens per image L but may differ in D (each side scales by its own √D).
+    Args:
+        normalize: L2-normalise the tokens first, which keeps the softmax from saturating when feature norms are
+            large. Off by default: raw features, as the formula is written.
 
-    From the paper (via the summaries): the CS formula and the MSE. Choices (unverified): the reduction (the spec's),
-    every token of the image rather than the m sampled ones (what :class:`zoo.methods.TRG` passes), and
-    ``normalize=False`` (raw features, as the formula is written; ``True`` L2-normalises the tokens first, which
-    keeps the softmax from saturating when the feature norms are large). CS^T is computed under ``no_grad``.
+    Notes:
+        The reduction (sum over each row, mean over images and rows) is this module's choice;
+        :class:`zoo.methods.TRG` passes every token of the image, not only the m sampled ones.
 
     Example:
         >>> loss = TRGInnerLoss()
@@ -348,7 +359,7 @@ class TRGInnerLoss(nn.Module):
 
     def contextual_similarity(self, tokens: Tensor) -> Tensor:
         """CS = softmax(F·Fᵀ / √D) of tokens ``(B, L, D)``: ``(B, L, L)``, rows sum to 1."""
-        f = tokens.float()
+        f = at_least_float32(tokens)
         if self.normalize:
             f = F.normalize(f, dim=-1)
         return torch.softmax(f @ f.transpose(1, 2) / math.sqrt(f.shape[-1]), dim=-1)

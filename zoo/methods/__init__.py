@@ -1,21 +1,15 @@
 """LightningModules, one file per method family, over one shared base (``zoo.methods.base``)."""
 
 from zoo.methods.base import DistillationMethod, Outputs
-from zoo.methods.classification import DKD, KD, Supervised
+from zoo.methods.classification import DKD, KD, ClassificationMethod, Supervised
 from zoo.methods.dhkd import DHKD
+from zoo.methods.lad import LAD, LADTeacher
 from zoo.methods.meal import MEALV2
+from zoo.methods.mgd import MGD
 from zoo.methods.mim import FineTune, LinearProbe, MAEPretrain
 from zoo.methods.mim_distill import DMAE, G2SDGeneric, G2SDSpecific, HybridDistill
 from zoo.methods.nd import DKDND, KDND
-from zoo.methods.segmentation import (
-    CWD,
-    LAD,
-    MGD,
-    LADTeacher,
-    PixelKD,
-    SegmentationMethod,
-    SupervisedSegmentation,
-)
+from zoo.methods.segmentation import CWD, PixelKD, SegmentationMethod, SupervisedSegmentation
 from zoo.methods.trg import TRG
 
 __all__ = [
@@ -24,6 +18,7 @@ __all__ = [
     "DKD",
     "DKDND",
     "DMAE",
+    "ClassificationMethod",
     "DistillationMethod",
     "FineTune",
     "G2SDGeneric",

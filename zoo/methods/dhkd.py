@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.losses import BinaryKLNormLoss
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
+from zoo.methods.base import ModelLike, Outputs, TeacherLike
+from zoo.methods.classification import ClassificationMethod
 from zoo.teacher import PRE_LOGITS, embedding_dim
 
 __all__ = ["DHKD", "build_aux_head", "pcgrad_project"]
@@ -42,7 +42,7 @@ def pcgrad_project(g_kd: Tensor, g_ce: Tensor) -> Tensor:
     return g_kd - (conflict / g_ce.dot(g_ce).clamp(min=torch.finfo(g_ce.dtype).tiny)) * g_ce
 
 
-class DHKD(DistillationMethod):
+class DHKD(ClassificationMethod):
     """Dual-Head KD (Yang, Zong, Huang, Feng, An; arXiv 2411.08937; official code penghui-yang/DHKD at 7976c69).
 
     A second (auxiliary) head h₂ reads the same pooled embedding f_s as the student's classifier W₁:
@@ -98,25 +98,30 @@ class DHKD(DistillationMethod):
         log_aux_accuracy: bool = True,
         **kwargs: Any,
     ) -> None:
+        if kd_stop_epoch is not None and kd_stop_epoch < 1:
+            raise ValueError(f"DHKD.kd_stop_epoch must be ≥ 1 (epochs count from 1) or None, got {kd_stop_epoch}")
         super().__init__(student, teacher, **kwargs)
+        self.automatic_optimization = not gradient_alignment
+        self._pooled_sink: list[Tensor] | None = None
+        self._terms: dict[str, Tensor] = {}
+
+    def configure_models(self) -> None:
+        super().configure_models()
         if len(self.teacher.members) > 1 and self.teacher.ensemble != "logit":
             # a ``prob`` ensemble yields log p̄; BinaryKL-Norm is not shift-invariant, so it needs real logits
             raise ValueError(
                 "DHKD.teacher_ensemble must be 'logit' for a teacher ensemble: BinaryKL-Norm compares logit values, "
                 "and a 'prob' ensemble gives log-probabilities"
             )
-        if kd_stop_epoch is not None and kd_stop_epoch < 1:
-            raise ValueError(f"DHKD.kd_stop_epoch must be ≥ 1 (epochs count from 1) or None, got {kd_stop_epoch}")
-        dim = embedding_dim(self.student, self.hparams.get("in_chans"))
-        self.aux_head = build_aux_head(aux_head, dim, self.num_classes)
-        self.bkl_loss = BinaryKLNormLoss(temperature)
-        self.ce_weight, self.kd_weight, self.kd_stop_epoch = ce_weight, kd_weight, kd_stop_epoch
-        self.gradient_alignment = gradient_alignment
-        self.automatic_optimization = not gradient_alignment
-        self.log_aux_accuracy = log_aux_accuracy
-        self.val_aux_acc = MulticlassAccuracy(self.num_classes, average="micro") if log_aux_accuracy else None
-        self._pooled_sink: list[Tensor] | None = None
-        self._terms: dict[str, Tensor] = {}
+        dim = embedding_dim(self.student, self.hparams.in_chans)
+        self.aux_head = build_aux_head(self.hparams.aux_head, dim, self.num_classes)
+
+    def configure_losses(self) -> None:
+        self.bkl_loss = BinaryKLNormLoss(self.hparams.temperature)
+
+    def configure_metrics(self) -> None:
+        super().configure_metrics()
+        self.val_aux_acc = MulticlassAccuracy(self.num_classes, average="micro") if self.hparams.log_aux_accuracy else None
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -134,13 +139,14 @@ class DHKD(DistillationMethod):
 
     def current_kd_weight(self) -> float:
         """α, or 0 from ``kd_stop_epoch`` on (epochs counted from 1)."""
-        if self.kd_stop_epoch is not None and self.current_epoch + 1 >= self.kd_stop_epoch:
+        stop = self.hparams.kd_stop_epoch
+        if stop is not None and self.current_epoch + 1 >= stop:
             return 0.0
-        return self.kd_weight
+        return self.hparams.kd_weight
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         terms = {
-            "ce": self.ce_weight * F.cross_entropy(student.logits, target),
+            "ce": self.hparams.ce_weight * self.cross_entropy(student.logits, target),
             "bkl": self.current_kd_weight() * self.bkl_loss(student.features[AUX_LOGITS], teacher.logits),
         }
         if not self.automatic_optimization:
@@ -200,12 +206,12 @@ class DHKD(DistillationMethod):
             self.lr_scheduler_step(config.scheduler, metric)
 
     # ----------------------------------------------------------------------------------------------- validation
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        if self.val_aux_acc is None:
-            return super().validation_step(batch, batch_idx)
+    def evaluate(self, batch: Any, stage: Literal["val", "test"], batch_idx: int = 0) -> dict[str, Tensor]:
+        if self.val_aux_acc is None or stage != "val":
+            return super().evaluate(batch, stage, batch_idx)
         self._pooled_sink = []
         try:
-            out = super().validation_step(batch, batch_idx)
+            out = super().evaluate(batch, stage, batch_idx)
             (pooled,) = self._pooled_sink
         finally:
             self._pooled_sink = None

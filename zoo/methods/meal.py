@@ -7,12 +7,13 @@ from typing import Any
 from torch import Tensor
 
 from zoo.losses import LogitDiscriminator, MEALV2DiscriminatorLoss, SoftCrossEntropy
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
+from zoo.methods.base import ModelLike, Outputs, TeacherLike
+from zoo.methods.classification import ClassificationMethod
 
 __all__ = ["MEALV2"]
 
 
-class MEALV2(DistillationMethod):
+class MEALV2(ClassificationMethod):
     """MEAL V2 (Shen & Savvides, arXiv 2009.08453; official code MEAL-V2 at 59e6bca).
 
     L = L_sim + L_D: soft cross-entropy to the ensemble's average softmax p̄ (T = 1; probabilities, not logits,
@@ -50,11 +51,14 @@ class MEALV2(DistillationMethod):
         if kwargs.get("teacher_ensemble", "prob") != "prob":
             raise ValueError("MEALV2.teacher_ensemble must be 'prob': MEAL V2 averages probabilities, not logits")
         super().__init__(student, teacher, **kwargs)
-        self.discriminator = LogitDiscriminator(self.num_classes, discriminator_min_hidden)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        self.discriminator = LogitDiscriminator(self.num_classes, self.hparams.discriminator_min_hidden)
+
+    def configure_losses(self) -> None:
         self.similarity = SoftCrossEntropy()
         self.discriminator_loss = MEALV2DiscriminatorLoss()
-        self.discriminator_lr = discriminator_lr
-        self.discriminator_weight = discriminator_weight
 
     def forward_teacher(self, x: Tensor) -> Outputs:
         """``logits`` carries log p̄ (what ``SoftCrossEntropy`` takes), for one teacher as for K; ``mean_logits``
@@ -64,14 +68,14 @@ class MEALV2(DistillationMethod):
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         terms = {"sim": self.similarity(student.logits, teacher.logits)}
-        if self.discriminator_weight:
+        if self.hparams.discriminator_weight:
             d = self.discriminator_loss(self.discriminator, student.logits, teacher.features["mean_logits"])
-            terms["disc"] = self.discriminator_weight * d
+            terms["disc"] = self.hparams.discriminator_weight * d
         return terms
 
     def param_groups(self) -> list[dict[str, Any]]:
-        if self.discriminator_lr is None:
+        if self.hparams.discriminator_lr is None:
             return super().param_groups()
         d_params = {id(p) for p in self.discriminator.parameters()}
         student = [p for p in self.trainable_parameters() if id(p) not in d_params]
-        return [{"params": student}, {"params": list(self.discriminator.parameters()), "lr": self.discriminator_lr}]
+        return [{"params": student}, {"params": list(self.discriminator.parameters()), "lr": self.hparams.discriminator_lr}]

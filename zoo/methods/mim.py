@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -86,17 +86,14 @@ class MAEPretrain(DistillationMethod):
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"{type(self).__name__}.mask_ratio must be in [0, 1), got {mask_ratio}")
         super().__init__(student, teacher, **kwargs)
+
+    def configure_models(self) -> None:
+        super().configure_models()
         if not isinstance(self.student, MaskedAutoencoder):
             raise TypeError(
                 f"{type(self).__name__}.student must build a MaskedAutoencoder (zoo.models.mae.MAEModel), "
                 f"got {type(self.student).__name__}"
             )
-        self.mask_ratio = mask_ratio
-        self.rec_weight = rec_weight
-        self.val_seed = val_seed
-
-    def build_metrics(self, num_classes: int) -> None:
-        """No class metrics: pre-training is judged by its losses."""
 
     # ------------------------------------------------------------------------------------------- hooks
     @staticmethod
@@ -110,7 +107,7 @@ class MAEPretrain(DistillationMethod):
 
     def sample_mask(self, batch_size: int, generator: torch.Generator | None = None) -> PatchMask:
         """A random mask over the student's patches at ``mask_ratio``, on the module's device."""
-        return self.student.mask(batch_size, self.mask_ratio, generator=generator)
+        return self.student.mask(batch_size, self.hparams.mask_ratio, generator=generator)
 
     def mask_for(self, x: Tensor, generator: torch.Generator | None = None) -> PatchMask:
         """The mask of a batch; random by default (Hybrid Distill's redundancy masking overrides it)."""
@@ -125,8 +122,8 @@ class MAEPretrain(DistillationMethod):
     def pretrain_terms(self, x: Tensor, mask: PatchMask, student: MAEPass) -> dict[str, Tensor]:
         """The weighted loss terms of one batch; subclasses extend the dict."""
         terms: dict[str, Tensor] = {}
-        if self.rec_weight:
-            terms["rec"] = self.rec_weight * self.student.reconstruction_loss(x, student.pred, mask.mask)
+        if self.hparams.rec_weight:
+            terms["rec"] = self.hparams.rec_weight * self.student.reconstruction_loss(x, student.pred, mask.mask)
         return terms
 
     # ------------------------------------------------------------------------------------------- steps
@@ -142,10 +139,10 @@ class MAEPretrain(DistillationMethod):
             raise RuntimeError(f"{type(self).__name__}: no loss term (rec_weight is 0 and no other term was added)")
         return self.log_loss_terms(terms, x.shape[0])
 
-    def _eval_step(self, batch: Any, stage: str, batch_idx: int = 0) -> dict[str, Tensor]:
+    def evaluate(self, batch: Any, stage: Literal["val", "test"], batch_idx: int = 0) -> dict[str, Tensor]:
         x = self.images_of(batch)
         # A CPU generator: the same masks whatever the device.
-        generator = torch.Generator().manual_seed(self.val_seed + batch_idx)
+        generator = torch.Generator().manual_seed(self.hparams.val_seed + batch_idx)
         mask = self.mask_for(x, generator=generator)
         student = self.student_pass(x, mask)
         terms = self.pretrain_terms(x, mask, student)
@@ -158,12 +155,6 @@ class MAEPretrain(DistillationMethod):
         rec = self.student.reconstruction_loss(x, student.pred, mask.mask)
         self.log(f"{stage}/loss_rec", rec, batch_size=bs, prog_bar=stage == "val")
         return {"pred": student.pred, "mask": mask.mask}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "val", batch_idx)
-
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        return self._eval_step(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self(self.images_of(batch))
@@ -242,18 +233,19 @@ class FineTune(Supervised):
         exclude_from_weight_decay: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, label_smoothing=label_smoothing, **kwargs)
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"FineTune.layer_decay must be in (0, 1], got {layer_decay}")
+        super().__init__(student, teacher, label_smoothing=label_smoothing, **kwargs)
         if layer_decay is not None and not hasattr(self.student, "blocks"):
-            raise ValueError(f"FineTune.layer_decay needs a ViT student with .blocks, got {type(self.student).__name__}")
-        self.layer_decay = layer_decay
-        self.exclude_from_weight_decay = exclude_from_weight_decay
+            raise ValueError(
+                f"FineTune.layer_decay needs a ViT student with .blocks, got {type(self.student).__name__}"
+            )
 
     def param_groups(self) -> list[dict[str, Any]]:
-        if self.layer_decay is None and not self.exclude_from_weight_decay:
+        decay, exclude = self.hparams.layer_decay, self.hparams.exclude_from_weight_decay
+        if decay is None and not exclude:
             return super().param_groups()
-        return layer_decay_param_groups(self, self.student, self.layer_decay, self.exclude_from_weight_decay)
+        return layer_decay_param_groups(self, self.student, decay, exclude)
 
     def configure_optimizers(self) -> Any:
         # The optimizer is built without the scheduler, its group lrs scaled, and only then the scheduler made,
@@ -269,7 +261,8 @@ class FineTune(Supervised):
         if scheduler_factory is None:
             return optimizer
         scheduler = scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        interval = self.hparams.lr_scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
 _HEAD_NAMES = ("head", "fc", "classifier", "linear")
@@ -306,6 +299,10 @@ class LinearProbe(Supervised):
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, label_smoothing=label_smoothing, **kwargs)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        head_name = self.hparams.head_name
         name = head_name or next((n for n in _HEAD_NAMES if isinstance(getattr(self.student, n, None), nn.Linear)), None)
         head = getattr(self.student, name, None) if name else None
         if not isinstance(head, nn.Linear):

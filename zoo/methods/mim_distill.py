@@ -24,13 +24,8 @@ from zoo.losses.feature import (
     keep_with_cls,
     redundant_token_keep,
 )
-from zoo.methods.base import (
-    DistillationMethod,
-    ModelLike,
-    Outputs,
-    TeacherLike,
-    _as_config,
-)
+from zoo.methods.base import ModelLike, Outputs, TeacherLike
+from zoo.methods.classification import ClassificationMethod
 from zoo.methods.mim import MAEPass, MAEPretrain
 from zoo.models.mae import MaskedAutoencoder, PatchMask
 from zoo.teacher import Teacher
@@ -77,21 +72,27 @@ class DMAE(MAEPretrain):
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, **kwargs)
+
+    def configure_losses(self) -> None:
+        super().configure_losses()
+        hp = self.hparams
         t_mae = _mae_member(self.teacher, type(self).__name__)
-        self.student_block = self.student._block_index(student_block, self.student.depth, "student_block")
-        self.teacher_block = t_mae._block_index(teacher_block, t_mae.depth, "teacher_block")
+        self.student_block = self.student.block_index(hp.student_block, self.student.depth, "student_block")
+        self.teacher_block = t_mae.block_index(hp.teacher_block, t_mae.depth, "teacher_block")
         self.student_blocks = (self.student_block,)
-        self.feat_weight = feat_weight
-        self.feat_loss = DMAEFeatLoss(self.student.encoder.embed_dim, t_mae.encoder.embed_dim, projection, distance)
+        self.feat_loss = DMAEFeatLoss(self.student.encoder.embed_dim, t_mae.encoder.embed_dim, hp.projection,
+                                      hp.distance)
 
     def pretrain_terms(self, x: Tensor, mask: PatchMask, student: MAEPass) -> dict[str, Tensor]:
         terms = super().pretrain_terms(x, mask, student)
         t_mae = self.teacher.members[0]
         with torch.no_grad():
             _, blocks = t_mae.forward_encoder(
-                self.teacher._prepare(0, x), mask.ids_keep, upto=self.teacher_block, return_blocks=(self.teacher_block,)
+                self.teacher.member_input(0, x), mask.ids_keep, upto=self.teacher_block,
+                return_blocks=(self.teacher_block,),
             )
-        terms["feat"] = self.feat_weight * self.feat_loss(student.blocks[self.student_block], blocks[self.teacher_block])
+        feat = self.feat_loss(student.blocks[self.student_block], blocks[self.teacher_block])
+        terms["feat"] = self.hparams.feat_weight * feat
         return terms
 
 
@@ -126,30 +127,33 @@ class G2SDGeneric(MAEPretrain):
         **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, rec_weight=rec_weight, **kwargs)
+
+    def configure_losses(self) -> None:
+        super().configure_losses()
+        hp = self.hparams
         t_mae = _mae_member(self.teacher, type(self).__name__)
-        if not 1 <= teacher_decoder_blocks <= t_mae.decoder_depth:
+        if not 1 <= hp.teacher_decoder_blocks <= t_mae.decoder_depth:
             raise ValueError(
-                f"G2SDGeneric.teacher_decoder_blocks must be in [1, {t_mae.decoder_depth}], got {teacher_decoder_blocks}"
+                f"G2SDGeneric.teacher_decoder_blocks must be in [1, {t_mae.decoder_depth}], "
+                f"got {hp.teacher_decoder_blocks}"
             )
-        self.teacher_decoder_blocks = teacher_decoder_blocks
-        self.gd_weight = gd_weight
         s_dim = self.student.decoder_embed.out_features
         t_dim = t_mae.decoder_embed.out_features
-        self.gd_loss = G2SDDecoderLoss(s_dim, t_dim, beta=beta, supervise_all=supervise_all)
+        self.gd_loss = G2SDDecoderLoss(s_dim, t_dim, beta=hp.beta, supervise_all=hp.supervise_all)
 
     def pretrain_terms(self, x: Tensor, mask: PatchMask, student: MAEPass) -> dict[str, Tensor]:
         terms = super().pretrain_terms(x, mask, student)
         t_mae = self.teacher.members[0]
         with torch.no_grad():
-            latent, _ = t_mae.forward_encoder(self.teacher._prepare(0, x), mask.ids_keep)
+            latent, _ = t_mae.forward_encoder(self.teacher.member_input(0, x), mask.ids_keep)
             _, hidden = t_mae.forward_decoder(
-                latent, mask.ids_restore, upto=self.teacher_decoder_blocks, return_hidden=True
+                latent, mask.ids_restore, upto=self.hparams.teacher_decoder_blocks, return_hidden=True
             )
-        terms["gd"] = self.gd_weight * self.gd_loss(student.hidden, hidden, mask.mask)
+        terms["gd"] = self.hparams.gd_weight * self.gd_loss(student.hidden, hidden, mask.mask)
         return terms
 
 
-class G2SDSpecific(DistillationMethod):
+class G2SDSpecific(ClassificationMethod):
     """G2SD specific stage for classification: a distillation token and hard-label distillation (DeiT style).
 
     The student ViT (e.g. :class:`~zoo.models.MAEEncoderModel` initialised from the generic stage, ``global_pool:
@@ -163,8 +167,13 @@ class G2SDSpecific(DistillationMethod):
         label_smoothing: of the CE on the class head.
     """
 
-    def __init__(self, student: ModelLike, teacher: TeacherLike, *, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, student: ModelLike, teacher: TeacherLike, *, label_smoothing: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(student, teacher, **kwargs)
+
+    def configure_models(self) -> None:
+        super().configure_models()
         vit = self.student
         for name in ("patch_embed", "_pos_embed", "blocks", "norm", "head"):
             if not hasattr(vit, name):
@@ -175,7 +184,6 @@ class G2SDSpecific(DistillationMethod):
         self.dist_head = nn.Linear(dim, self.num_classes)
         nn.init.trunc_normal_(self.dist_head.weight, std=2e-5)
         nn.init.zeros_(self.dist_head.bias)
-        self.label_smoothing = label_smoothing
 
     def two_heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(z_cls, z_dist) of the student with the distillation token appended."""
@@ -195,7 +203,7 @@ class G2SDSpecific(DistillationMethod):
         return Outputs((z_cls + z_dist) / 2, {"cls": z_cls, "dist": z_dist})
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student.features["cls"], target, label_smoothing=self.label_smoothing)
+        ce = self.cross_entropy(student.features["cls"], target)
         dist = F.cross_entropy(student.features["dist"], teacher.logits.argmax(-1))
         return {"ce": 0.5 * ce, "dist": 0.5 * dist}
 
@@ -251,8 +259,7 @@ class HybridDistill(MAEPretrain):
         milestones, drop_ratios: the masking schedule (fractions of training and dropped fractions).
         head_reduction: see :class:`~zoo.losses.feature.HybridRelationLoss`.
         relation_reduction: ``sum`` over the layers I (the paper's Σ, default) or ``mean`` (Σ / |I|, a β that does
-            not grow with the number of layers; what this class did before 2026-11-28: a checkpoint from then
-            resumes with ``sum`` unless ``relation_reduction: mean`` is given).
+            not grow with the number of layers).
     """
 
     requires_teacher = True
@@ -277,44 +284,40 @@ class HybridDistill(MAEPretrain):
             raise ValueError(f"HybridDistill.relation_reduction must be 'sum' or 'mean', got {relation_reduction!r}")
         kwargs.pop("mask_ratio", None)  # the student's mask comes from the teacher's attention, not a ratio
         super().__init__(student, teacher, rec_weight=rec_weight, mask_ratio=0.0, **kwargs)
-        if isinstance(mim_teacher, nn.Module):
-            self.hparams.pop("mim_teacher", None)
-        else:
-            self.hparams["mim_teacher"] = _as_config(mim_teacher)
-        mim = Teacher.from_sources(mim_teacher, num_classes=self.num_classes, in_chans=kwargs.get("in_chans"))
-        self._teacher.append(mim)
-        t_m = _mae_member(mim, "HybridDistill.mim_teacher")
+        self._tc_tokens: Tensor | None = None
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        mim = Teacher.from_sources(self.source("mim_teacher"), num_classes=self.hparams.num_classes,
+                                   in_chans=self.hparams.in_chans)
+        self.add_teacher("mim_teacher", mim)
+
+    def configure_losses(self) -> None:
+        super().configure_losses()
+        hp = self.hparams
+        t_m = _mae_member(self.mim_teacher, "HybridDistill.mim_teacher")
         t_c = self.teacher.members[0]
         if not hasattr(t_c, "blocks") or not hasattr(t_c, "forward_features"):
             raise TypeError("HybridDistill.teacher must be a timm VisionTransformer (DeiT, or a timm CLIP image tower)")
         depth_s, depth_m = self.student.depth, t_m.depth
-        layers = list(range(depth_s - 1)) if relation_layers is None else list(relation_layers)
+        layers = list(range(depth_s - 1)) if hp.relation_layers is None else list(hp.relation_layers)
         if any(not 0 <= i < depth_s for i in layers):
             raise ValueError(f"HybridDistill.relation_layers must be in [0, {depth_s}), got {layers}")
         self.relation_layers = layers
         self.teacher_layers = {i: max(0, round((i + 1) * depth_m / depth_s) - 1) for i in layers}
-        self.feature_weight, self.relation_weight = feature_weight, relation_weight
-        self.relation_reduction = relation_reduction
         self.schedule = ProgressiveMaskSchedule(
-            milestones if milestones is not None else (0.0, 0.33, 0.66),
-            drop_ratios if drop_ratios is not None else (0.0, 0.15, 0.3),
+            hp.milestones if hp.milestones is not None else (0.0, 0.33, 0.66),
+            hp.drop_ratios if hp.drop_ratios is not None else (0.0, 0.15, 0.3),
         )
-        self.relation_loss = HybridRelationLoss(head_reduction)
+        self.relation_loss = HybridRelationLoss(hp.head_reduction)
         self.feature_loss = HybridFeatureLoss(self.student.encoder.embed_dim, t_c.embed_dim)
         self._student_qkv = _QKVRecorder(self.student.encoder.blocks, layers)
         self._mim_qkv = _QKVRecorder(t_m.encoder.blocks, sorted(set(self.teacher_layers.values())))
         self._tc_qkv = _QKVRecorder(t_c.blocks, [len(t_c.blocks) - 1])
-        self._tc_tokens: Tensor | None = None
 
     @property
     def mim_teacher(self) -> Teacher:
-        return self._teacher[1]
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if getattr(dm, "mean", None) is not None and getattr(dm, "std", None) is not None:
-            self.mim_teacher.set_input_normalization(dm.mean, dm.std)
+        return self._teachers["mim_teacher"]
 
     def drop_ratio(self) -> float:
         if self._trainer is None or not self.training:
@@ -326,7 +329,7 @@ class HybridDistill(MAEPretrain):
         """Runs T_c on the full image, keeps the patches its last-layer CLS attends to most."""
         t_c = self.teacher.members[0]
         with torch.no_grad():
-            tokens = t_c.forward_features(self.teacher._prepare(0, x))
+            tokens = t_c.forward_features(self.teacher.member_input(0, x))
         logits = self._tc_qkv.pop()[len(t_c.blocks) - 1]
         prefix = getattr(t_c, "num_prefix_tokens", 1)
         # the CLS row's real attention (softmax over every token, prefix included), then its patch columns: each
@@ -349,20 +352,20 @@ class HybridDistill(MAEPretrain):
         t_c = self.teacher.members[0]
         t_m = self.mim_teacher.members[0]
         with torch.no_grad():
-            t_m.forward_encoder(self.mim_teacher._prepare(0, x), None, upto=max(self.teacher_layers.values()))
+            t_m.forward_encoder(self.mim_teacher.member_input(0, x), None, upto=max(self.teacher_layers.values()))
         mim_logits = self._mim_qkv.pop()
         keep = keep_with_cls(mask.ids_keep, 1)
         relation = sum(
             self.relation_loss(student_logits[i], mim_logits[self.teacher_layers[i]], keep) for i in self.relation_layers
         )
-        if self.relation_reduction == "mean":
+        if self.hparams.relation_reduction == "mean":
             relation = relation / max(len(self.relation_layers), 1)
         tc_keep = keep_with_cls(mask.ids_keep, getattr(t_c, "num_prefix_tokens", 1))[:, -keep.shape[1] :]
         tc_keep = torch.cat([torch.zeros_like(tc_keep[:, :1]), tc_keep[:, 1:]], dim=1)
         feature = self.feature_loss(student.latent, self._tc_tokens, tc_keep)
-        return {"feat": self.feature_weight * feature, "rel": self.relation_weight * relation}
+        return {"feat": self.hparams.feature_weight * feature, "rel": self.hparams.relation_weight * relation}
 
-    def _eval_step(self, batch: Any, stage: str, batch_idx: int = 0) -> dict[str, Tensor]:
+    def evaluate(self, batch: Any, stage: Literal["val", "test"], batch_idx: int = 0) -> dict[str, Tensor]:
         x = self.images_of(batch)
         mask = self.mask_for(x)
         terms = self.pretrain_terms(x, mask, self.student_pass(x, mask))

@@ -6,15 +6,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from zoo.losses import DKDLoss, KDLoss, NDLoss, NDProjector
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
+from zoo.io import atomic_path
+from zoo.losses import NDLoss, NDProjector
+from zoo.methods.base import ModelLike, Outputs, TeacherLike
+from zoo.methods.classification import DKD, KD, ClassificationMethod
 from zoo.teacher import PRE_LOGITS, Teacher, embedding_dim
 
-__all__ = ["DKDND", "KDND", "compute_class_centers", "embedding_dim"]
+__all__ = ["DKDND", "KDND", "compute_class_centers"]
 
 
 @torch.no_grad()
@@ -23,7 +26,7 @@ def compute_class_centers(teacher: Teacher, loader, num_classes: int, device: to
     sums: Tensor | None = None
     counts = torch.zeros(num_classes, device=device)
     for batch in loader:
-        x, y = DistillationMethod.unpack_batch(batch)
+        x, y = ClassificationMethod.unpack_batch(batch)
         x, y = x.to(device), y.to(device)
         emb = teacher.forward_features(x)[1][PRE_LOGITS].float()
         if sums is None:
@@ -38,31 +41,31 @@ def compute_class_centers(teacher: Teacher, loader, num_classes: int, device: to
     return sums / counts[:, None]
 
 
-class _NDMixin(DistillationMethod):
-    """The ND term, its projector and the class centres shared by KD++ and DKD++."""
+class _NDTerm(ClassificationMethod):
+    """The ND term, its projector and the class centres that KD++ and DKD++ add to KD and DKD."""
 
     student_taps = (PRE_LOGITS,)
     teacher_taps = (PRE_LOGITS,)
 
-    def _init_nd(self, nd_weight: float, warmup_epochs: int, centers_file: str | None, projector_init: str) -> None:
-        if warmup_epochs < 1:
-            raise ValueError(f"{type(self).__name__}.warmup_epochs must be ≥ 1, got {warmup_epochs}")
-        in_chans = self.hparams.get("in_chans")
-        d_s = embedding_dim(self.student, in_chans)
-        d_t = embedding_dim(self.teacher.members[0], in_chans)
-        self.projector = NDProjector(d_s, d_t, init=projector_init) if d_s != d_t else nn.Identity()
+    def configure_losses(self) -> None:
+        super().configure_losses()
+        hp = self.hparams
+        if hp.warmup_epochs < 1:
+            raise ValueError(f"{type(self).__name__}.warmup_epochs must be ≥ 1, got {hp.warmup_epochs}")
+        d_s = embedding_dim(self.student, hp.in_chans)
+        d_t = embedding_dim(self.teacher.members[0], hp.in_chans)
+        self.projector = NDProjector(d_s, d_t, init=hp.projector_init) if d_s != d_t else nn.Identity()
         self.nd_loss = NDLoss(self.num_classes, d_t)
-        self.nd_weight, self.warmup_epochs, self.centers_file = nd_weight, warmup_epochs, centers_file
 
     def kd_warmup(self) -> float:
         """w(e) = min(1, e / warm) with e counted from 0, as in the official ND scripts (epoch 0 has no KD)."""
-        return min(1.0, self.current_epoch / self.warmup_epochs)
+        return min(1.0, self.current_epoch / self.hparams.warmup_epochs)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if bool(self.nd_loss.ready):  # restored from a checkpoint
             return
-        path = Path(self.centers_file) if self.centers_file else None
+        path = Path(self.hparams.centers_file) if self.hparams.centers_file else None
         if path is not None and path.is_file():
             self.nd_loss.set_centers(self._load_centers(path).to(self.device))
             return
@@ -75,7 +78,8 @@ class _NDMixin(DistillationMethod):
         if path is None:
             path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "nd_class_centers.safetensors"
         if self.trainer.is_global_zero:
-            self._save_centers(path, centers)
+            with atomic_path(path) as tmp:
+                save_file({"centers": centers.detach().cpu().contiguous()}, str(tmp), metadata=self._centers_metadata())
 
     def _train_loader(self) -> DataLoader:
         datamodule = self.trainer.datamodule
@@ -84,23 +88,15 @@ class _NDMixin(DistillationMethod):
         source = getattr(self.trainer.fit_loop, "_data_source", None)  # loaders passed to fit() directly
         loader = source.dataloader() if source is not None and source.is_defined() else None
         if not isinstance(loader, DataLoader):
-            raise ValueError(f"{type(self).__name__}: computing class centres needs a training DataLoader or centers_file")
+            raise ValueError(
+                f"{type(self).__name__}: computing class centres needs a training DataLoader or centers_file"
+            )
         return loader
 
     def _centers_metadata(self) -> dict[str, str]:
         return {"teacher": self.teacher.describe(), "num_classes": str(self.num_classes)}
 
-    def _save_centers(self, path: Path, centers: Tensor) -> None:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"centers": centers.detach().cpu().contiguous()}, str(tmp), metadata=self._centers_metadata())
-        tmp.replace(path)
-
     def _load_centers(self, path: Path) -> Tensor:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta, centers = f.metadata() or {}, f.get_tensor("centers")
         expected = self._centers_metadata()
@@ -114,18 +110,18 @@ class _NDMixin(DistillationMethod):
 
     def nd_term(self, student: Outputs, teacher: Outputs, target: Tensor) -> Tensor:
         g = self.projector(student.features[PRE_LOGITS])
-        return self.nd_weight * self.nd_loss(g, teacher.features[PRE_LOGITS], target)
+        return self.hparams.nd_weight * self.nd_loss(g, teacher.features[PRE_LOGITS], target)
 
 
-class KDND(_NDMixin):
+class KDND(_NDTerm, KD):
     """KD++ (arXiv 2305.17007): L = CE + w(e)·λ_kd·T²·KL(p^T(z^t) ‖ p^T(z^s)) + λ_nd·L_nd.
 
     w(e) = min(1, e / warm) with epochs counted from 0 (epoch 0 has no KD); the ND term is not warmed up. The class
     centres are computed at fit start from the frozen teacher over the training loader (with its augmentation, as
-    the official CIFAR script does) and written to ``centers_file`` (default ``<log_dir>/nd_class_centers
-    .safetensors``); an existing ``centers_file`` of the same teacher is loaded instead. The projector
-    (BN → Dropout(0.5) → Linear) exists only when the embedding dims differ and feeds only the ND term.
-    Defaults: the official CIFAR-100 resnet32x4→resnet8x4 weights (λ_kd 3.5, λ_nd 2), T = 4, warm = 20.
+    the official CIFAR script does) and written to ``centers_file`` (default
+    ``<log_dir>/nd_class_centers.safetensors``); an existing ``centers_file`` of the same teacher is loaded instead.
+    The projector (BN → Dropout(0.5) → Linear) exists only when the embedding dims differ and feeds only the ND
+    term. Defaults: the official CIFAR-100 resnet32x4→resnet8x4 weights (λ_kd 3.5, λ_nd 2), T = 4, warm = 20.
     """
 
     def __init__(
@@ -142,20 +138,18 @@ class KDND(_NDMixin):
         projector_init: Literal["cifar", "imagenet"] = "cifar",
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
-        self.kd_loss = KDLoss(temperature)
-        self.ce_weight, self.kd_weight = ce_weight, kd_weight
-        self._init_nd(nd_weight, warmup_epochs, centers_file, projector_init)
+        super().__init__(student, teacher, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight, **kwargs)
+
+    def kd_factor(self) -> float:
+        return self.kd_warmup() * self.hparams.kd_weight
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        return {
-            "ce": self.ce_weight * F.cross_entropy(student.logits, target),
-            "kd": self.kd_warmup() * self.kd_weight * self.kd_loss(student.logits, teacher.logits),
-            "nd": self.nd_term(student, teacher, target),
-        }
+        terms = super().loss_terms(student, teacher, target)
+        terms["nd"] = self.nd_term(student, teacher, target)
+        return terms
 
 
-class DKDND(_NDMixin):
+class DKDND(_NDTerm, DKD):
     """DKD++ (arXiv 2305.17007): L = CE + w(e)·(α·TCKD + β·NCKD) + λ_nd·L_nd.
 
     Same warm-up rule, centres and projector as :class:`KDND` (w(e) counts epochs from 0 here, unlike plain DKD's
@@ -178,17 +172,13 @@ class DKDND(_NDMixin):
         projector_init: Literal["cifar", "imagenet"] = "cifar",
         **kwargs: Any,
     ) -> None:
-        super().__init__(student, teacher, **kwargs)
-        self.dkd_loss = DKDLoss(alpha, beta, temperature)
-        self.ce_weight = ce_weight
-        self._init_nd(nd_weight, warmup_epochs, centers_file, projector_init)
+        super().__init__(student, teacher, temperature=temperature, alpha=alpha, beta=beta, ce_weight=ce_weight,
+                         warmup_epochs=warmup_epochs, **kwargs)
+
+    def warmup_factor(self) -> float:
+        return self.kd_warmup()
 
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        tckd, nckd = self.dkd_loss.parts(student.logits, teacher.logits, target)
-        w = self.kd_warmup()
-        return {
-            "ce": self.ce_weight * F.cross_entropy(student.logits, target),
-            "tckd": w * self.dkd_loss.alpha * tckd,
-            "nckd": w * self.dkd_loss.beta * nckd,
-            "nd": self.nd_term(student, teacher, target),
-        }
+        terms = super().loss_terms(student, teacher, target)
+        terms["nd"] = self.nd_term(student, teacher, target)
+        return terms

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.losses import (
@@ -16,7 +15,8 @@ from zoo.losses import (
     TRGLocalLoss,
     feature_tokens,
 )
-from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
+from zoo.methods.base import ModelLike, Outputs, TeacherLike
+from zoo.methods.classification import ClassificationMethod
 
 __all__ = ["TRG"]
 
@@ -36,7 +36,7 @@ def _fixed_image_size(model: nn.Module) -> int | None:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-class TRG(DistillationMethod):
+class TRG(ClassificationMethod):
     """TRG (arXiv 2306.12442): L = w_ce·CE + λ_kd·KD + α·L_inner + β·L_local + γ·L_global.
 
     Tokens are read from ``student_layer`` / ``teacher_layer`` (tap names of :class:`zoo.teacher.FeatureTaps`: a
@@ -96,37 +96,46 @@ class TRG(DistillationMethod):
     ) -> None:
         if tokens < 1:
             raise ValueError(f"TRG.tokens must be ≥ 1, got {tokens}")
-        # The base builds the feature taps from these; per instance, since the layer is a constructor argument.
-        self.student_taps = (student_layer,)
-        self.teacher_taps = (teacher_layer,)
         super().__init__(student, teacher, **kwargs)
-        self.student_layer, self.teacher_layer, self.token_grid = student_layer, teacher_layer, token_grid
-        self.sampler = TokenSampler(tokens)
-        self.kd_loss = KDLoss(temperature)
-        self.inner_loss = TRGInnerLoss(normalize=normalize_inner)
-        self.local_loss = TRGLocalLoss(
-            k, "data" if sigma is None else sigma, normalize_graph, knn_source, local_support, local_direction,
-            local_row_logits,
-        )
-        self.global_loss = TRGGlobalLoss(tau_start, tau_end)
-        self.ce_weight, self.kd_weight = ce_weight, kd_weight
-        self.inner_weight, self.local_weight, self.global_weight = inner_weight, local_weight, global_weight
+        self._total_steps: float | None = None
+
+    @property
+    def student_taps(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.hparams.student_layer,)
+
+    @property
+    def teacher_taps(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.hparams.teacher_layer,)
+
+    def configure_models(self) -> None:
+        super().configure_models()
+        hp = self.hparams
         self._student_prefix = _prefix_tokens(self.student)
         self._teacher_prefix = _prefix_tokens(self.teacher.members[0])
         (l_s, d_s), (l_t, d_t) = self._probe_tokens()
         if l_s != l_t:
             raise ValueError(
-                f"TRG: the student's {student_layer!r} gives {l_s} tokens per image but the teacher's "
-                f"{teacher_layer!r} gives {l_t}; choose layers with the same spatial size or set token_grid to pool "
-                "both to a grid"
+                f"TRG: the student's {hp.student_layer!r} gives {l_s} tokens per image but the teacher's "
+                f"{hp.teacher_layer!r} gives {l_t}; choose layers with the same spatial size or set token_grid to "
+                "pool both to a grid"
             )
-        if projector_dim is None:
+        if hp.projector_dim is None:
             self.projector = nn.Linear(d_s, d_t)
             self.teacher_projector: nn.Module = nn.Identity()
         else:
-            self.projector = nn.Linear(d_s, projector_dim)
-            self.teacher_projector = nn.Linear(d_t, projector_dim)
-        self._total_steps: float | None = None
+            self.projector = nn.Linear(d_s, hp.projector_dim)
+            self.teacher_projector = nn.Linear(d_t, hp.projector_dim)
+
+    def configure_losses(self) -> None:
+        hp = self.hparams
+        self.sampler = TokenSampler(hp.tokens)
+        self.kd_loss = KDLoss(hp.temperature)
+        self.inner_loss = TRGInnerLoss(normalize=hp.normalize_inner)
+        self.local_loss = TRGLocalLoss(
+            hp.k, "data" if hp.sigma is None else hp.sigma, hp.normalize_graph, hp.knn_source, hp.local_support,
+            hp.local_direction, hp.local_row_logits,
+        )
+        self.global_loss = TRGGlobalLoss(hp.tau_start, hp.tau_end)
 
     # ----------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
@@ -140,14 +149,14 @@ class TRG(DistillationMethod):
         was_training = self.student.training
         self.student.eval()  # no BatchNorm statistics from the blank batch
         try:
-            s = self._tokens(self.forward_student(x).features[self.student_layer], self._student_prefix)
+            s = self._tokens(self.forward_student(x).features[self.hparams.student_layer], self._student_prefix)
         finally:
             self.student.train(was_training)
-        t = self._tokens(self.teacher.forward_features(x)[1][self.teacher_layer], self._teacher_prefix)
+        t = self._tokens(self.teacher.forward_features(x)[1][self.hparams.teacher_layer], self._teacher_prefix)
         return (s.shape[1], s.shape[2]), (t.shape[1], t.shape[2])
 
     def _tokens(self, features: Tensor, prefix: int) -> Tensor:
-        return feature_tokens(features, prefix_tokens=prefix, grid=self.token_grid)
+        return feature_tokens(features, prefix_tokens=prefix, grid=self.hparams.token_grid)
 
     # ----------------------------------------------------------------------------------------------- schedule
     def on_train_start(self) -> None:
@@ -163,20 +172,21 @@ class TRG(DistillationMethod):
 
     # ----------------------------------------------------------------------------------------------- loss
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
-        s_tokens = self._tokens(student.features[self.student_layer], self._student_prefix)
-        t_tokens = self._tokens(teacher.features[self.teacher_layer], self._teacher_prefix).detach()
+        hp = self.hparams
+        s_tokens = self._tokens(student.features[hp.student_layer], self._student_prefix)
+        t_tokens = self._tokens(teacher.features[hp.teacher_layer], self._teacher_prefix).detach()
         if self.sampler.m > s_tokens.shape[1]:
             raise ValueError(
                 f"TRG.tokens={self.sampler.m} exceeds the {s_tokens.shape[1]} tokens per image that "
-                f"{self.student_layer!r} gives at this input size; lower tokens"
+                f"{hp.student_layer!r} gives at this input size; lower tokens"
             )
         (s_nodes, t_nodes), _ = self.sampler(s_tokens, t_tokens)
         g_s = self.projector(s_nodes)
         g_t = self.teacher_projector(t_nodes)
         return {
-            "ce": self.ce_weight * F.cross_entropy(student.logits, target),
-            "kd": self.kd_weight * self.kd_loss(student.logits, teacher.logits),
-            "inner": self.inner_weight * self.inner_loss(s_tokens, t_tokens),
-            "local": self.local_weight * self.local_loss(s_nodes, t_nodes),
-            "global": self.global_weight * self.global_loss(g_s, g_t, self.progress()),
+            "ce": hp.ce_weight * self.cross_entropy(student.logits, target),
+            "kd": hp.kd_weight * self.kd_loss(student.logits, teacher.logits),
+            "inner": hp.inner_weight * self.inner_loss(s_tokens, t_tokens),
+            "local": hp.local_weight * self.local_loss(s_nodes, t_nodes),
+            "global": hp.global_weight * self.global_loss(g_s, g_t, self.progress()),
         }

@@ -359,10 +359,10 @@ class MaskedAutoencoder(nn.Module):
         """
         enc = self.encoder
         depth = len(enc.blocks)
-        last = depth - 1 if upto is None else self._block_index(upto, depth, "upto")
+        last = depth - 1 if upto is None else self.block_index(upto, depth, "upto")
         wanted: dict[int, list[int]] = {}
         for given in return_blocks:
-            index = self._block_index(given, depth, "return_blocks")
+            index = self.block_index(given, depth, "return_blocks")
             if index > last:
                 raise ValueError(f"forward_encoder: return_blocks index {given} lies after upto={upto}")
             wanted.setdefault(index, []).append(given)
@@ -382,7 +382,7 @@ class MaskedAutoencoder(nn.Module):
         return h, out
 
     @staticmethod
-    def _block_index(index: int, depth: int, field: str) -> int:
+    def block_index(index: int, depth: int, field: str) -> int:
         resolved = index + depth if index < 0 else index
         if not 0 <= resolved < depth:
             raise ValueError(f"{field}: block index {index} is out of range for {depth} blocks")

@@ -1,17 +1,15 @@
 """Segmentation model sources: segmentation_models_pytorch, torchvision, and an optional mmsegmentation adapter.
 
-Every source builds a network whose ``forward(x)`` returns logits of shape (N, classes, H, W) at the input's
-size. The losses read the rest by module path (see :func:`segmentation_taps`):
+Every source builds a network whose ``forward(x)`` returns logits (N, classes, H, W) at the input's size. The
+losses read the rest by module path (:func:`segmentation_taps`):
 
-- ``logits``: the pre-upsampling logits, i.e. the output of the final classifier conv (stride 4 or 8), which is
-  what CWD and pixel KD compare (mmrazor taps ``decode_head.conv_seg`` the same way);
-- ``features``: the decoder feature that conv reads (MGD's region-level content loss);
-- ``aux``: the auxiliary head's logits, where the model has one (torchvision ``aux_loss=True``, mmseg
-  ``auxiliary_head``).
+- ``logits``: the output of the final classifier conv, before upsampling (stride 4 or 8), which CWD and pixel KD
+  compare (mmrazor taps ``decode_head.conv_seg`` the same way);
+- ``features``: the decoder feature that conv reads (MGD's content loss);
+- ``aux``: the auxiliary head's logits, where the model has one.
 
-A different ``in_chans`` widens or narrows the stem (LAD's label channel): segmentation_models_pytorch and timm
-adapt their first conv themselves; for torchvision :func:`expand_input_channels` keeps the pretrained RGB filters
-and gives the new channels zero weights, so the widened net computes exactly what the RGB net did until it learns.
+A different ``in_chans`` resizes the stem (LAD's label channel): segmentation_models_pytorch adapts its first conv
+itself, torchvision models go through :func:`expand_input_channels`.
 """
 
 from __future__ import annotations
@@ -204,12 +202,11 @@ class MMSegSegmentation(nn.Module):
 
 
 class MMSegModel(ModelSource):
-    """An mmsegmentation model from its config file (optional: needs ``pip install distill-zoo[mmseg]``).
+    """An mmsegmentation model from its config file (optional: ``pip install distill-zoo[mmseg]``).
 
-    mmsegmentation is never required: mmseg 1.2.2 needs mmcv < 2.2, which has no wheels for current torch, and
-    ``mmcv-lite`` lacks the compiled ops that ``mmseg.models`` imports (see ``shared/specs/feature_seg.md`` §7).
-    Where it imports, this adapter builds the model with ``mmseg.apis.init_model`` and exposes
-    ``model.decode_head.conv_seg`` (pre-upsampling logits) and ``model.auxiliary_head.conv_seg`` as taps.
+    Built with ``mmseg.apis.init_model``; its taps are ``model.decode_head.conv_seg`` (pre-upsampling logits) and
+    ``model.auxiliary_head.conv_seg``. mmsegmentation is never required: mmseg 1.2 needs mmcv < 2.2, which has no
+    wheels for current torch, and ``mmcv-lite`` lacks the compiled ops that ``mmseg.models`` imports.
 
     Args:
         config: path to an mmseg config file.
@@ -259,8 +256,13 @@ class MMSegModel(ModelSource):
 def expand_input_channels(model: nn.Module, in_chans: int) -> nn.Conv2d:
     """Replaces the first ``Conv2d`` of ``model`` by one with ``in_chans`` inputs; returns the new conv.
 
-    The first min(old, new) input filters are kept; added channels get zero weights (so the output is unchanged
-    until training moves them); LAD's label channel is added this way.
+    The first min(old, new) input filters are kept and added channels get zero weights, so a widened network
+    computes what the original did until training moves them (LAD's label channel).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        >>> expand_input_channels(net, 4).weight.shape
+        torch.Size([8, 4, 3, 3])
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):

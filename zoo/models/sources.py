@@ -12,6 +12,7 @@ from::
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 import inspect
 import os
@@ -24,10 +25,12 @@ from torch import nn
 
 __all__ = [
     "ModelSource",
+    "as_config",
     "CIFARModel",
     "TimmModel",
     "TorchvisionModel",
     "build_model",
+    "num_classes_of",
     "load_weights",
     "read_state_dict",
     "source_from_config",
@@ -69,6 +72,18 @@ class ModelSource(abc.ABC):
             value = getattr(self, name)
             args[name] = list(value) if isinstance(value, tuple) else value
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+
+def as_config(value: Any) -> Any:
+    """A value as plain config data: a model source as ``{class_path, init_args}``, a dataclass as a dict, lists of
+    them element by element; anything else as it is."""
+    if isinstance(value, ModelSource):
+        return value.to_config()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return [as_config(v) for v in value]
+    return value
 
 
 def source_from_config(spec: Mapping[str, Any]) -> Any:
@@ -324,3 +339,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike, field: str = "checkp
             f"{len(wrong_shape)} shape mismatches {wrong_shape[:3]}"
         )
     model.load_state_dict(state, strict=strict)
+
+
+def num_classes_of(model: nn.Module) -> int | None:
+    """A classifier's number of classes: its ``num_classes`` attribute, else the width of its last Linear."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    for module in reversed(list(model.modules())):
+        if isinstance(module, nn.Linear):
+            return module.out_features
+    return None
