@@ -42,8 +42,12 @@ def fit(config: str, seed: int, extra: list[str] = (), test: bool = True) -> dic
 
     cli = ZooCLI(
         args=[
-            "--config", str(CONFIGS / f"{config}.yaml"), f"--seed_everything={seed}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--summary.enabled=false",
+            "--config",
+            str(CONFIGS / f"{config}.yaml"),
+            f"--seed_everything={seed}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--summary.enabled=false",
             *extra,
         ],
         run=False,
@@ -91,7 +95,11 @@ def main() -> None:
         runs = []
         for seed in range(args.seeds):
             pre = fit(student, seed, ["--trainer.limit_val_batches=0"], test=False)
-            run = {"seed": seed, "pretrain_seconds": pre["seconds"], "ms_per_step": 1000 * pre["seconds"] / pre["steps"]}
+            run = {
+                "seed": seed,
+                "pretrain_seconds": pre["seconds"],
+                "ms_per_step": 1000 * pre["seconds"] / pre["steps"],
+            }
             run.update(evaluate(student, seed))
             runs.append(run)
             print(student, run, flush=True)

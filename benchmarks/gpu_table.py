@@ -29,16 +29,10 @@ def main() -> None:
         if (RESULTS / f"throughput_kd_{tag}.json").exists()
     }
     if "gpu_fp32" not in runs:
-        raise SystemExit(
-            "benchmarks/results/throughput_kd_gpu_fp32.json is missing: run benchmarks/gpu.sh first"
-        )
+        raise SystemExit("benchmarks/results/throughput_kd_gpu_fp32.json is missing: run benchmarks/gpu.sh first")
 
     def ips(tag: str, kind: str) -> float:
-        return (
-            runs[tag]["variants"].get(kind, {}).get("median_images_per_sec", NAN)
-            if tag in runs
-            else NAN
-        )
+        return runs[tag]["variants"].get(kind, {}).get("median_images_per_sec", NAN) if tag in runs else NAN
 
     def mb(tag: str, kind: str) -> str:
         value = runs[tag]["variants"].get(kind, {}).get("peak_mb")
@@ -62,8 +56,9 @@ def main() -> None:
     if not math.isnan(cached):
         td, top_k = ips("gpu_bf16_cl", "torchdistill"), runs["gpu_bf16_cl"]["config"].get("top_k", "k")
         rows.append(
-            f"| bf16-mixed + channels-last, cached soft labels (in memory, top-{top_k}) | {cached:.0f} | {td:.0f} | — | "
-            f"{f(ips('gpu_bf16_cl', 'student'))} | {cached / zoo_fp32:.2f} | {cached / td:.2f} | {cached / td_fp32:.2f} | "
+            f"| bf16-mixed + channels-last, cached soft labels (in memory, top-{top_k}) | {cached:.0f} | {td:.0f} "
+            f"| — | {f(ips('gpu_bf16_cl', 'student'))} | {cached / zoo_fp32:.2f} | {cached / td:.2f} "
+            f"| {cached / td_fp32:.2f} | "
             f"{mb('gpu_bf16_cl', 'zoo_kd_cached_mem')} | — |"
         )
     td_all = [x for run in runs.values() for x in run["variants"]["torchdistill"]["images_per_sec"]]
@@ -75,7 +70,8 @@ def main() -> None:
         "torchdistill peak MB |"
     )
     intro = (
-        f"ResNet-34 → ResNet-18 KD, 224², batch 256, synthetic ImageNet-shaped batches held on the card; card: {cards}; "
+        f"ResNet-34 → ResNet-18 KD, 224², batch 256, synthetic ImageNet-shaped batches held on the card; "
+        f"card: {cards}; "
         f"torch {torches}; command: `bash benchmarks/gpu.sh`. Images/s are medians of 3 rounds × 20 steps after 10 "
         "warm-up steps, cudnn.benchmark on for every variant. torchdistill runs its own fp32 step in every setting "
         "(its mixed precision goes through Hugging Face accelerate, not benchmarked here); timed in every run as the "

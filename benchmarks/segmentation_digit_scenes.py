@@ -36,7 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "configs" / "segmentation" / "digit_scenes"
-TEACHERS = {"teacher": ["pixel_kd", "cwd"], "lad_teacher": ["lad"], "mgd_teacher_deep": ["mgd"], "mgd_teacher_wide": ["mgd"]}
+TEACHERS = {
+    "teacher": ["pixel_kd", "cwd"],
+    "lad_teacher": ["lad"],
+    "mgd_teacher_deep": ["mgd"],
+    "mgd_teacher_wide": ["mgd"],
+}
 METHODS = {
     "baseline": ("full", "supervised"),
     "pixel_kd": ("full", "pixel KD (τ 1, w 1)"),
@@ -53,8 +58,12 @@ def fit_and_test(config: str, seed: int, extra: list[str] = ()) -> tuple[Any, di
     start = time.perf_counter()
     cli = ZooCLI(
         args=[
-            "--config", str(CONFIGS / f"{config}.yaml"), f"--seed_everything={seed}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--summary.enabled=false",
+            "--config",
+            str(CONFIGS / f"{config}.yaml"),
+            f"--seed_everything={seed}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--summary.enabled=false",
             *extra,
         ],
         run=False,
@@ -63,8 +72,12 @@ def fit_and_test(config: str, seed: int, extra: list[str] = ()) -> tuple[Any, di
     seconds = time.perf_counter() - start
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-    return cli, {"miou": metrics["test/miou"], "pixel_acc": metrics["test/pixel_acc"],
-                 "teacher_miou": metrics.get("test/teacher_miou"), "seconds": seconds}
+    return cli, {
+        "miou": metrics["test/miou"],
+        "pixel_acc": metrics["test/pixel_acc"],
+        "teacher_miou": metrics.get("test/teacher_miou"),
+        "seconds": seconds,
+    }
 
 
 def mean_std(values: list[float]) -> str:

@@ -38,8 +38,12 @@ from classification_digits import fit_and_test
 def run(seed: int, workdir: Path, extra: list[str]) -> dict[str, float]:
     cli, seconds = fit_and_test(CONFIG, seed, workdir, extra)
     metrics = cli.trainer.callback_metrics
-    return {"seed": seed, "test_acc": float(metrics["test/acc"]), "agreement": float(metrics["test/agreement"]),
-            "seconds": seconds}
+    return {
+        "seed": seed,
+        "test_acc": float(metrics["test/acc"]),
+        "agreement": float(metrics["test/agreement"]),
+        "seconds": seconds,
+    }
 
 
 def mean_std(values: list[float], scale: float = 100.0, sign: bool = False) -> str:
@@ -55,7 +59,10 @@ def main() -> None:
     results: dict = {"online": [], "cached": [], "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "soft_labels"
-        cached_args = [f"--model.init_args.soft_labels.path={cache}", f"--model.init_args.soft_labels.repeats={args.repeats}"]
+        cached_args = [
+            f"--model.init_args.soft_labels.path={cache}",
+            f"--model.init_args.soft_labels.repeats={args.repeats}",
+        ]
         for seed in range(args.seeds):
             results["online"].append(run(seed, Path(tmp) / f"online{seed}", []))
             first = not cache.exists()
@@ -72,20 +79,27 @@ def main() -> None:
     results["command"] = "python benchmarks/soft_label_cache_digits.py " + " ".join(sys.argv[1:])
     secs = {arm: statistics.mean(r["seconds"] for r in results[arm]) for arm in ("online", "cached")}
     lines = [
-        (f"Digits KD (`configs/classification/digits/kd.yaml`, resnet32 → resnet8, 30 epochs), {args.seeds} seeds; "
-         f"cached soft labels with R = {args.repeats} replayed translations per image, all 10 classes stored."),
+        (
+            f"Digits KD (`configs/classification/digits/kd.yaml`, resnet32 → resnet8, 30 epochs), {args.seeds} seeds; "
+            f"cached soft labels with R = {args.repeats} replayed translations per image, all 10 classes stored."
+        ),
         f"Command: `{results['command']}`; machine: {results['machine']}.",
         "",
         "| arm | test top-1 % | agreement % | fit s (mean) |",
         "|---|---|---|---|",
-        f"| online KD | {mean_std(online)} | {mean_std([r['agreement'] for r in results['online']])} | {secs['online']:.1f} |",
-        (f"| cached soft labels | {mean_std(cached)} | {mean_std([r['agreement'] for r in results['cached']])} | "
-         f"{secs['cached']:.1f} |"),
+        f"| online KD | {mean_std(online)} | {mean_std([r['agreement'] for r in results['online']])} "
+        f"| {secs['online']:.1f} |",
+        (
+            f"| cached soft labels | {mean_std(cached)} | {mean_std([r['agreement'] for r in results['cached']])} | "
+            f"{secs['cached']:.1f} |"
+        ),
         "",
-        (f"Paired difference cached − online: {mean_std(diffs, sign=True)} points (online seed std "
-         f"{100 * statistics.stdev(online):.2f}). The first cached fit, which built the cache, took "
-         f"{results['cache_build_fit_seconds']:.1f} s. Fit time ratio online / cached: "
-         f"{secs['online'] / secs['cached']:.2f}."),
+        (
+            f"Paired difference cached − online: {mean_std(diffs, sign=True)} points (online seed std "
+            f"{100 * statistics.stdev(online):.2f}). The first cached fit, which built the cache, took "
+            f"{results['cache_build_fit_seconds']:.1f} s. Fit time ratio online / cached: "
+            f"{secs['online'] / secs['cached']:.2f}."
+        ),
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"soft_label_cache_digits_r{args.repeats}"

@@ -3,9 +3,10 @@
 Teacher and student are a 3→4 channel conv, a pooling and a linear layer (about 500 parameters), batch 8 of 3×32×32,
 100 classes, one thread, so a step's time is its Python and dispatch cost: what a GPU step has to hide behind the
 card's work. Each variant runs ``--rounds`` times, interleaved with the others (this machine's timings drift by tens of
-per cent between runs); a round's time is its median step, and the table gives the median round and the range. Variants: the hand-written KD loop, the zoo's ``KD`` online (teacher on the batch) and cached (the
-batch carries stored top-10 probabilities, as a cached soft-label data set yields them). Then a cProfile of the
-online zoo step gives the share of Lightning's ``self.log``, and ``timeit`` the step's training accuracy (100-class
+per cent between runs); a round's time is its median step, and the table gives the median round and the range.
+Variants: the hand-written KD loop, the zoo's ``KD`` online (teacher on the batch) and cached (the batch carries
+stored top-10 probabilities, as a cached soft-label data set yields them). Then a cProfile of the online zoo step
+gives the share of Lightning's ``self.log``, and ``timeit`` the step's training accuracy (100-class
 ``MetricCollection``) called as ``forward()`` against ``update()``, which the zoo uses since it logs per epoch only.
 
     python benchmarks/step_overhead.py [--rounds 5]     # about 1 min
@@ -71,20 +72,36 @@ def zoo_ms(batch, steps: int = STEPS) -> float:
     from zoo.methods import KD
 
     torch.manual_seed(0)
-    method = KD(tiny(), tiny().eval().requires_grad_(False), temperature=T, ce_weight=W_CE, kd_weight=W_KD,
-                num_classes=100, in_chans=3, optimizer=sgd)
+    method = KD(
+        tiny(),
+        tiny().eval().requires_grad_(False),
+        temperature=T,
+        ce_weight=W_CE,
+        kd_weight=W_KD,
+        num_classes=100,
+        in_chans=3,
+        optimizer=sgd,
+    )
     ends: list[float] = []
 
     class Clock(L.Callback):
         def on_train_batch_end(self, *args) -> None:
             ends.append(time.perf_counter())
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[Clock()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[Clock()],
+    )
     batches = _Repeat(batch, None) if isinstance(batch, dict) else _Repeat(*batch)
     trainer.fit(method, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return 1000 * statistics.median(b - a for a, b in zip(ends[SKIP:], ends[SKIP + 1:]))
+    return 1000 * statistics.median(b - a for a, b in zip(ends[SKIP:], ends[SKIP + 1 :]))
 
 
 def metric_ms(rounds: int) -> dict[str, list[float]]:
@@ -116,7 +133,11 @@ def main() -> None:
     with torch.no_grad():
         prob, index = teacher_top_k(tiny()(x), T, 10)
     cached = {"image": x, "label": y, "soft_index": index, "soft_prob": prob}
-    variants = {"loop_ms": lambda: loop_ms(x, y), "zoo_online_ms": lambda: zoo_ms((x, y)), "zoo_cached_ms": lambda: zoo_ms(cached)}
+    variants = {
+        "loop_ms": lambda: loop_ms(x, y),
+        "zoo_online_ms": lambda: zoo_ms((x, y)),
+        "zoo_cached_ms": lambda: zoo_ms(cached),
+    }
     per_round: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
         for key, run in variants.items():
@@ -150,30 +171,33 @@ def main() -> None:
     )
     profiled = (
         f"cProfile of the online zoo step: `training_step` {results['training_step_ms_profiled']:.2f} ms, of which "
-        f"{results['self_log_calls_per_step']:.0f} `self.log` calls at {results['self_log_ms_per_call_profiled']:.2f} ms "
+        f"{results['self_log_calls_per_step']:.0f} `self.log` calls at "
+        f"{results['self_log_ms_per_call_profiled']:.2f} ms "
         "each (profiled times are inflated by the profiler)."
     )
-    table = "\n".join([
-        intro,
-        "",
-        "| variant | ms / step | range |",
-        "|---|---|---|",
-        *(
-            f"| {label} | {results[key]:.2f} | {min(per_round[key]):.2f}–{max(per_round[key]):.2f} |"
-            for key, label in [
-                ("loop_ms", "hand-written loop"),
-                ("zoo_online_ms", "zoo KD, online"),
-                ("zoo_cached_ms", "zoo KD, cached soft labels in the batch"),
-            ]
-        ),
-        "",
-        profiled,
-        "",
-        (
-            f"Training accuracy per step (timeit, median of {rounds} rounds): `forward()` "
-            f"{results['train_metric_forward_ms']:.3f} ms, `update()` {results['train_metric_update_ms']:.3f} ms."
-        ),
-    ])
+    table = "\n".join(
+        [
+            intro,
+            "",
+            "| variant | ms / step | range |",
+            "|---|---|---|",
+            *(
+                f"| {label} | {results[key]:.2f} | {min(per_round[key]):.2f}–{max(per_round[key]):.2f} |"
+                for key, label in [
+                    ("loop_ms", "hand-written loop"),
+                    ("zoo_online_ms", "zoo KD, online"),
+                    ("zoo_cached_ms", "zoo KD, cached soft labels in the batch"),
+                ]
+            ),
+            "",
+            profiled,
+            "",
+            (
+                f"Training accuracy per step (timeit, median of {rounds} rounds): `forward()` "
+                f"{results['train_metric_forward_ms']:.3f} ms, `update()` {results['train_metric_update_ms']:.3f} ms."
+            ),
+        ]
+    )
     (RESULTS / "step_overhead.md").write_text(table + "\n")
     print(table)
 

@@ -16,8 +16,9 @@ process, interleaved round by round so machine noise hits every variant alike:
         the device-side step of cached training, without the CPU data path (as every in-memory variant).
 
 Each round builds every variant afresh from the same initial student, runs ``--warmup`` untimed steps, then
-``--steps`` timed steps; throughput is the median over ``--rounds`` rounds of images / window time. Peak memory: each variant runs again in its own process for a
-few steps (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), next to an idle process that only built
+``--steps`` timed steps; throughput is the median over ``--rounds`` rounds of images / window time. Peak memory:
+each variant runs again in its own process for a few steps (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on
+CUDA), next to an idle process that only built
 the models and the batch.
 
     python benchmarks/throughput_kd.py                      # CPU, CIFAR resnet32x4 → resnet8x4, batch 64
@@ -53,8 +54,19 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
 
-VARIANTS = ("zoo_kd", "torchdistill", "loop_kd", "student", "zoo_dkd", "loop_dkd", "zoo_nd", "loop_nd",
-            "zoo_kd_data", "zoo_kd_cached", "zoo_kd_cached_mem")
+VARIANTS = (
+    "zoo_kd",
+    "torchdistill",
+    "loop_kd",
+    "student",
+    "zoo_dkd",
+    "loop_dkd",
+    "zoo_nd",
+    "loop_nd",
+    "zoo_kd_data",
+    "zoo_kd_cached",
+    "zoo_kd_cached_mem",
+)
 TOP_K = 10  # stored probabilities per view in zoo_kd_cached_mem
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 T, W_CE, W_KD = 4.0, 0.1, 0.9
@@ -96,7 +108,9 @@ def autocast(args: argparse.Namespace):
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    return torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM, weight_decay=WD
+    )
 
 
 # ----------------------------------------------------------------------------------------------- hand-written
@@ -150,8 +164,9 @@ def loop_runner(kind: str, teacher: nn.Module, student: nn.Module, x: Tensor, y:
 def torchdistill_runner(teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor, args) -> Callable[[int], None]:
     from torchdistill_kd import build_torchdistill_kd_step
 
-    step = build_torchdistill_kd_step(teacher, student, x, y, temperature=T, alpha=W_KD, lr=LR, momentum=MOMENTUM,
-                                      weight_decay=WD, device=args.device)
+    step = build_torchdistill_kd_step(
+        teacher, student, x, y, temperature=T, alpha=W_KD, lr=LR, momentum=MOMENTUM, weight_decay=WD, device=args.device
+    )
     teacher.requires_grad_(False)
 
     def run(n: int) -> None:
@@ -208,7 +223,9 @@ def _synthetic_datamodule(args, n_images: int = 512):
         def __getitem__(self, i: int):
             if self.augment is None:
                 return self.images[i], self.labels[i]
-            return self.augment.apply(self.images[i], self.augment.sample(1, torch.default_generator)[0]), self.labels[i]
+            return self.augment.apply(self.images[i], self.augment.sample(1, torch.default_generator)[0]), self.labels[
+                i
+            ]
 
     class SyntheticCIFAR(ZooDataModule):
         num_classes, in_chans, mean, std = 100, 3, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -235,10 +252,14 @@ def zoo_runner(kind: str, teacher: nn.Module, student: nn.Module, x: Tensor, y: 
     from zoo.methods import DKD, KD, KDND
     from zoo.soft_labels import SoftLabels
 
-    common = {"num_classes": 100 if args.preset == "cifar" else 1000, "in_chans": 3,
-              "optimizer": lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD),
-              "channels_last": args.channels_last, "teacher_channels_last": args.channels_last,
-              "teacher_compile": args.compile_teacher}
+    common = {
+        "num_classes": 100 if args.preset == "cifar" else 1000,
+        "in_chans": 3,
+        "optimizer": lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WD),
+        "channels_last": args.channels_last,
+        "teacher_channels_last": args.channels_last,
+        "teacher_compile": args.compile_teacher,
+    }
     if kind in ("zoo_kd", "zoo_kd_data", "zoo_kd_cached_mem"):
         method = KD(student, teacher, temperature=T, ce_weight=W_CE, kd_weight=W_KD, **common)
     elif kind == "zoo_kd_cached":
@@ -263,10 +284,17 @@ def zoo_runner(kind: str, teacher: nn.Module, student: nn.Module, x: Tensor, y: 
     def run(n: int) -> None:
         window = _Window(args.warmup, args.device)
         trainer = L.Trainer(
-            accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1, max_steps=args.warmup + n,
-            precision=args.precision if args.precision != "fp32" else "32-true", logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[window.callback],
+            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+            devices=1,
+            max_steps=args.warmup + n,
+            precision=args.precision if args.precision != "fp32" else "32-true",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=[window.callback],
         )
         if datamodule is not None:
             trainer.fit(method, datamodule=datamodule)
@@ -304,8 +332,22 @@ def time_window(kind: str, run, args) -> float:
 
 def peak_memory(kind: str, args) -> float:
     """Peak memory (MB) of ``kind`` running a few steps in a fresh process ("idle": models and batch only)."""
-    cmd = [sys.executable, __file__, "--memory", kind, "--preset", args.preset, "--device", args.device,
-           "--batch", str(args.batch), "--precision", args.precision, "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory",
+        kind,
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--precision",
+        args.precision,
+        "--repeats",
+        str(args.repeats),
+    ]
     cmd += ["--channels-last"] if args.channels_last else []
     cmd += ["--compile-teacher"] if args.compile_teacher else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -370,19 +412,28 @@ def main() -> None:
             for kind in args.variants:  # every round starts each variant from the same student weights
                 runner = make_runner(kind, teacher, student, x, y, args, tmp)
                 seconds[kind].append(time_window(kind, runner, args))
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{k} {args.batch * args.steps / s[-1]:.1f}" for k, s in seconds.items()), flush=True)
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {args.batch * args.steps / s[-1]:.1f}" for k, s in seconds.items()),
+                flush=True,
+            )
     for kind, secs in seconds.items():
         ips = [args.batch * args.steps / s for s in secs]
-        results["variants"][kind] = {"images_per_sec": ips, "median_images_per_sec": statistics.median(ips),
-                                     "median_step_ms": 1000 * statistics.median(secs) / args.steps}
+        results["variants"][kind] = {
+            "images_per_sec": ips,
+            "median_images_per_sec": statistics.median(ips),
+            "median_step_ms": 1000 * statistics.median(secs) / args.steps,
+        }
     if not args.no_memory:
         results["idle_peak_mb"] = peak_memory("idle", args)
         for kind in args.variants:
             results["variants"][kind]["peak_mb"] = peak_memory(kind, args)
     results["ratios"] = ratios(results["variants"])
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else (
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    )
     results["machine"] = device
     results["torch"] = torch.__version__
     results["command"] = "python benchmarks/throughput_kd.py " + " ".join(sys.argv[1:])
@@ -417,8 +468,12 @@ def ratios(variants: dict) -> dict[str, dict[str, float]]:
             for ia, ib in zip(variants[a]["images_per_sec"], variants[b]["images_per_sec"])
         ]
         ma, mb = variants[a]["median_images_per_sec"], variants[b]["median_images_per_sec"]
-        out[name] = {"of_medians": mb / ma if time_ratio else ma / mb, "round_median": statistics.median(per_round),
-                     "round_min": min(per_round), "round_max": max(per_round)}
+        out[name] = {
+            "of_medians": mb / ma if time_ratio else ma / mb,
+            "round_median": statistics.median(per_round),
+            "round_min": min(per_round),
+            "round_max": max(per_round),
+        }
     return out
 
 
@@ -426,7 +481,8 @@ def render(results: dict, args) -> str:
     cfg = results["config"]
     head = [
         f"KD step throughput, preset {cfg['preset']} (batch {cfg['batch']}), {cfg['precision']}"
-        + (", channels-last" if cfg["channels_last"] else "") + (", compiled teacher" if cfg["compile_teacher"] else "")
+        + (", channels-last" if cfg["channels_last"] else "")
+        + (", compiled teacher" if cfg["compile_teacher"] else "")
         + f"; median of {cfg['rounds']} rounds × {cfg['steps']} steps after {cfg['warmup']} warm-up steps.",
         f"Command: `{results['command']}`; machine: {results['machine']}; torch {results['torch']}.",
         "",
@@ -440,10 +496,14 @@ def render(results: dict, args) -> str:
         head.append(f"| (idle: models and batch only) | — | — | {results['idle_peak_mb']:.0f} |")
     if "cache_build_seconds" in results:
         head.append("")
-        head.append(f"Cache build (R = {cfg['repeats']}, 512 images, before timing): {results['cache_build_seconds']:.1f} s.")
+        head.append(
+            f"Cache build (R = {cfg['repeats']}, 512 images, before timing): {results['cache_build_seconds']:.1f} s."
+        )
     head += ["", "| ratio | of the medians | per round: median [min, max] |", "|---|---|---|"]
-    head += [f"| {k} | {v['of_medians']:.3f} | {v['round_median']:.3f} [{v['round_min']:.3f}, {v['round_max']:.3f}] |"
-             for k, v in results["ratios"].items()]
+    head += [
+        f"| {k} | {v['of_medians']:.3f} | {v['round_median']:.3f} [{v['round_min']:.3f}, {v['round_max']:.3f}] |"
+        for k, v in results["ratios"].items()
+    ]
     return "\n".join(head) + "\n"
 
 

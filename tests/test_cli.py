@@ -41,9 +41,16 @@ def test_csv_is_always_logged_next_to_a_configured_wandb_logger(tmp_path, monkey
     )
     cli = ZooCLI(
         args=[
-            "--config", "configs/classification/digits/baseline.yaml", "--config", str(config),
-            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-            "--trainer.enable_progress_bar=false", "--summary.enabled=false",
+            "--config",
+            "configs/classification/digits/baseline.yaml",
+            "--config",
+            str(config),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--summary.enabled=false",
         ],
         run=False,
     )
@@ -68,5 +75,6 @@ def test_bad_config_fails_naming_the_field(monkeypatch, capsys):
         main(["fit", "--config", "configs/quickstart.yaml", "--model.init_args.temperatur=3"])
     assert "temperatur" in capsys.readouterr().err
     with pytest.raises(ValueError, match="CIFARModel.name"):
-        ZooCLI(args=["--config", "configs/quickstart.yaml", "--model.init_args.student.init_args.name=resnet9"],
-               run=False)
+        ZooCLI(
+            args=["--config", "configs/quickstart.yaml", "--model.init_args.student.init_args.name=resnet9"], run=False
+        )

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.data import DigitsDataModule
+from zoo.data.transforms import PadCropFlip, ResizedCropFlip
 from zoo.losses import DKDLoss, KDLoss
 from zoo.methods import DKD, KD, KDND
-from zoo.data.transforms import PadCropFlip, ResizedCropFlip
 from zoo.soft_labels import (
     CachedSoftLabelDataset,
     SoftLabelCache,
@@ -28,7 +28,9 @@ from zoo.teacher import Teacher
 
 def tiny_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)
+    )
 
 
 def digits_source(**kwargs):
@@ -40,7 +42,9 @@ def digits_source(**kwargs):
 def build(tmp_path, teacher: nn.Module, dm, source, augment, temperature: float = 4.0, **opts):
     options = SoftLabels(path=str(tmp_path), **{"repeats": 3, "shard_size": 400, **opts})
     fp = {"teacher": teacher_fingerprint(teacher), "data": "digits", "augmentation": augment.spec()}
-    build_soft_label_cache(tmp_path, teacher, source, augment, fp, num_classes=10, temperature=temperature, options=options)
+    build_soft_label_cache(
+        tmp_path, teacher, source, augment, fp, num_classes=10, temperature=temperature, options=options
+    )
     k = min(options.top_k or 10, 10)
     expected = {**fp, "temperature": temperature, "num_classes": 10, "top_k": k, "repeats": options.repeats, "seed": 0}
     return expected
@@ -87,7 +91,11 @@ def test_resized_crop_flip_replays_the_same_view_and_boxes_stay_inside() -> None
 # ----------------------------------------------------------------------------------------------- pseudo-logits
 def test_pseudo_logits_give_back_the_stored_distribution_and_the_same_kd_loss() -> None:
     g = torch.Generator().manual_seed(0)
-    teacher, student, y = torch.randn(8, 10, generator=g) * 3, torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,))
+    teacher, student, y = (
+        torch.randn(8, 10, generator=g) * 3,
+        torch.randn(8, 10, generator=g),
+        torch.randint(0, 10, (8,)),
+    )
     t = 4.0
     top = (teacher / t).softmax(-1).topk(10)
     pseudo = soft_labels_to_logits(top.indices, top.values, 10, t)
@@ -175,13 +183,26 @@ def test_an_interrupted_build_is_refused_then_finished_keeping_its_shards(tmp_pa
 
 # ----------------------------------------------------------------------------------------------- methods
 def _kd(tmp_path, cls=KD, **kwargs):
-    return cls(tiny_net(seed=2), tiny_net(), num_classes=10, in_chans=1,
-               soft_labels=SoftLabels(path=str(tmp_path / "cache"), repeats=2), **kwargs)
+    return cls(
+        tiny_net(seed=2),
+        tiny_net(),
+        num_classes=10,
+        in_chans=1,
+        soft_labels=SoftLabels(path=str(tmp_path / "cache"), repeats=2),
+        **kwargs,
+    )
 
 
 def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
 
 
 def test_cached_kd_never_runs_the_teacher_in_training_and_matches_online_loss(tmp_path) -> None:
@@ -283,13 +304,28 @@ def test_a_cached_kd_config_runs_through_the_zoo_command(tmp_path, monkeypatch) 
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     cache = tmp_path / "cache"
-    main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false",
-          f"--model.init_args.soft_labels.path={cache}", "--model.init_args.soft_labels.repeats=2"])
+    main(
+        [
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--summary.enabled=false",
+            f"--model.init_args.soft_labels.path={cache}",
+            "--model.init_args.soft_labels.repeats=2",
+        ]
+    )
     manifest = json.loads((cache / "cache.json").read_text())
     assert manifest["complete"] and manifest["temperature"] == 4.0 and manifest["repeats"] == 2
-    assert manifest["augmentation"] == {"name": "pad_crop_flip", "pad": 4, "flip": False,
-                                        "fill": manifest["augmentation"]["fill"]}
+    assert manifest["augmentation"] == {
+        "name": "pad_crop_flip",
+        "pad": 4,
+        "flip": False,
+        "fill": manifest["augmentation"]["fill"],
+    }
 
 
 def test_an_image_folder_cache_replays_random_resized_crops(tmp_path) -> None:
@@ -309,8 +345,18 @@ def test_an_image_folder_cache_replays_random_resized_crops(tmp_path) -> None:
     teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
     options = SoftLabels(path=str(tmp_path / "cache"), repeats=3, shard_size=4)
     fp = {"teacher": teacher_fingerprint(teacher), "data": "fake", "augmentation": augment.spec()}
-    build_soft_label_cache(tmp_path / "cache", teacher, source, augment, fp, num_classes=2, temperature=1.0,
-                           options=options, to_tensor=to_tensor, num_workers=1)
+    build_soft_label_cache(
+        tmp_path / "cache",
+        teacher,
+        source,
+        augment,
+        fp,
+        num_classes=2,
+        temperature=1.0,
+        options=options,
+        to_tensor=to_tensor,
+        num_workers=1,
+    )
     cache = SoftLabelCache(tmp_path / "cache", {"augmentation": augment.spec(), "top_k": 2})
     assert cache.num_shards == 2 and len(cache) == 6
     index, prob, params = cache.view(5, 2)
@@ -332,4 +378,6 @@ def test_ranks_build_their_own_shards_and_rank_zero_completes_the_cache(tmp_path
     single = tmp_path / "single"
     build_soft_label_cache(single, teacher, source, augment, fp, **kwargs)
     for s in range(3):
-        assert np.array_equal(np.load(tmp_path / f"shard_{s:05d}.prob.npy"), np.load(single / f"shard_{s:05d}.prob.npy"))
+        assert np.array_equal(
+            np.load(tmp_path / f"shard_{s:05d}.prob.npy"), np.load(single / f"shard_{s:05d}.prob.npy")
+        )

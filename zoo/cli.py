@@ -104,15 +104,26 @@ class ZooCLI(LightningCLI):
         config["default_root_dir"] = root
         configured = list(config.get("callbacks") or []) + list(callbacks)
         if not any(isinstance(cb, DistillationMonitor) for cb in configured):
-            callbacks = [*callbacks, DistillationMonitor(teacher_acc=False, agreement=False, kl=False, loss_shares=False)]
+            callbacks = [
+                *callbacks,
+                DistillationMonitor(teacher_acc=False, agreement=False, kl=False, loss_shares=False),
+            ]
         return super()._instantiate_trainer(config, callbacks)
 
 
 def test_metrics(config_file: Path, ckpt: Path) -> dict[str, float]:
     """Runs ``zoo test`` on a run's own config and checkpoint; returns the test split's metrics."""
     cli = ZooCLI(
-        args=["test", "--config", str(config_file), "--ckpt_path", str(ckpt), "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false", "--verbose=false"],
+        args=[
+            "test",
+            "--config",
+            str(config_file),
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--verbose=false",
+        ],
         save_config_callback=None,
     )
     return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}

@@ -6,9 +6,8 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
-
 from collections.abc import Callable
+from pathlib import Path
 
 from zoo import hub
 from zoo.publish import check_target, publish, publish_distilled, render_markdown, resolve_run
@@ -63,8 +62,15 @@ def main(argv: list[str] | None = None, test_metrics: TestMetrics | None = None)
             config_file = run / "config.yaml"
             evaluate = test_metrics is not None and not args.no_test and config_file.is_file()
             metrics = test_metrics(config_file, ckpt) if evaluate else None
-            entry = publish(args.path, args.name, args.dir, args.dataset, args.config, test_metrics=metrics,
-                            fit_command=args.fit_command)
+            entry = publish(
+                args.path,
+                args.name,
+                args.dir,
+                args.dataset,
+                args.config,
+                test_metrics=metrics,
+                fit_command=args.fit_command,
+            )
         except (FileNotFoundError, ValueError) as err:
             print(f"zoo checkpoints publish: {err}", file=sys.stderr)
             return 1

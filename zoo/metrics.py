@@ -37,10 +37,14 @@ class SegmentationMetrics(Metric):
             preds = preds.argmax(1)
         if preds.shape != target.shape:
             raise ValueError(f"SegmentationMetrics: predictions {tuple(preds.shape)} vs target {tuple(target.shape)}")
-        keep = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        keep = (
+            target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        )
         t, p = target[keep].long(), preds[keep].long()
         if t.numel() and (int(t.max()) >= self.num_classes or int(t.min()) < 0):
-            raise ValueError(f"SegmentationMetrics: label {int(t.max())} outside [0, {self.num_classes}) and not ignored")
+            raise ValueError(
+                f"SegmentationMetrics: label {int(t.max())} outside [0, {self.num_classes}) and not ignored"
+            )
         idx = t * self.num_classes + p
         self.confmat += torch.bincount(idx, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
 

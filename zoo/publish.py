@@ -8,12 +8,12 @@ Used by ``zoo checkpoints publish`` (finished runs, distilled-set artifacts) and
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import platform
 import re
 import subprocess
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -348,8 +348,10 @@ def publish_distilled(
     meta = artifact["metadata"]
     evaluation = meta.get("evaluation") or {}
     if "eval/acc_mean" not in evaluation:
-        raise ValueError(f"{path}: the distilled set carries no final evaluation (metadata.evaluation); publish the "
-                         "artifact a finished run wrote")
+        raise ValueError(
+            f"{path}: the distilled set carries no final evaluation (metadata.evaluation); publish the "
+            "artifact a finished run wrote"
+        )
     network = (meta.get("hparams") or {}).get("network")
     # a set distilled for a network given as an object keeps only its description
     architecture = source_config(network) or {"class_path": None, "description": str(meta.get("network") or network)}

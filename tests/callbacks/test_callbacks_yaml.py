@@ -20,8 +20,12 @@ def test_callbacks_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cli = ZooCLI(
         args=[
-            "fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run=true",
-            "--trainer.callbacks+=callbacks.DistillationMonitor", "--trainer.callbacks+=callbacks.PredictionGallery",
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--trainer.fast_dev_run=true",
+            "--trainer.callbacks+=callbacks.DistillationMonitor",
+            "--trainer.callbacks+=callbacks.PredictionGallery",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.log_every_n_steps=1",  # the quickstart's 10 would leave fast_dev_run's single step unlogged
         ]
@@ -53,7 +57,14 @@ def test_callbacks_from_yaml_with_init_args(tmp_path, monkeypatch):
         " eight, nine]}\n"
     )
     cli = ZooCLI(
-        args=["fit", "--config", "configs/quickstart.yaml", "--config", str(extra), f"--trainer.default_root_dir={tmp_path}"]
+        args=[
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--config",
+            str(extra),
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
     )
     trainer = cli.trainer
     monitor, gallery = _callback(trainer, DistillationMonitor), _callback(trainer, PredictionGallery)

@@ -137,7 +137,11 @@ def _trainer(tmp_path) -> L.Trainer:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_contract(name, tmp_path):
     torch.manual_seed(0)
-    method, loader = recipe(name)
+    check_contract(*recipe(name), tmp_path)
+
+
+def check_contract(method: L.LightningModule, loader: object, tmp_path) -> None:
+    """The contract; also run by tests/test_contributing.py on the guide's example method."""
     teachers = method.teachers
     student_before = copy.deepcopy(method.student.state_dict())
     teacher_before = {n: copy.deepcopy(t.state_dict()) for n, t in teachers.items()}

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.publish import export_student
 from zoo.methods import DHKD
 from zoo.methods.dhkd import pcgrad_project
 from zoo.models import CIFARModel
+from zoo.publish import export_student
 
 
 def make(seed=0, **kw):
@@ -26,8 +26,13 @@ def batch(n=8, seed=0):
 
 def trainer(tmp_path, **kw):
     return L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kw,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
     )
 
 
@@ -83,7 +88,8 @@ def test_forward_is_the_main_head_and_the_checkpoint_holds_no_aux_head(tmp_path)
 def test_kd_stop_epoch_and_schedule_and_logging(tmp_path, ga):
     """kd_stop_epoch=2 (counted from 1): BinaryKL on in epoch 1 only; the lr schedule steps once per epoch."""
     model = make(
-        gradient_alignment=ga, kd_stop_epoch=2,
+        gradient_alignment=ga,
+        kd_stop_epoch=2,
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
         lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
     )

@@ -11,7 +11,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from zoo.methods.mim import FineTune, LinearProbe, MAEPass, MAEPretrain
 from zoo.models.mae import MAEEncoderModel, MAEModel, PatchMask
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 2, "decoder_num_heads": 2}
+TINY = {
+    "embed_dim": 32,
+    "depth": 3,
+    "num_heads": 2,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 2,
+    "decoder_num_heads": 2,
+}
 
 
 def loader(n: int = 16, classes: int = 10) -> DataLoader:
@@ -23,9 +30,15 @@ def loader(n: int = 16, classes: int = 10) -> DataLoader:
 
 def trainer(tmp_path, **kw) -> L.Trainer:
     defaults = {
-        "accelerator": "cpu", "max_steps": 2, "logger": False, "enable_progress_bar": False,
-        "enable_model_summary": False, "enable_checkpointing": False, "default_root_dir": tmp_path,
-        "limit_val_batches": 1, "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "max_steps": 2,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": tmp_path,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
     }
     return L.Trainer(**{**defaults, **kw})
 
@@ -114,8 +127,9 @@ class _ModeCheck(L.Callback):
 
 
 def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval(tmp_path):
-    student = MAEEncoderModel("mae_vit_tiny_digits", num_classes=10, overrides=TINY, global_pool="token",
-                              head_init_std=0.01)
+    student = MAEEncoderModel(
+        "mae_vit_tiny_digits", num_classes=10, overrides=TINY, global_pool="token", head_init_std=0.01
+    )
     model = LinearProbe(student, num_classes=10, in_chans=1, optimizer=adamw)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"student.head.1.weight", "student.head.1.bias"}
@@ -125,8 +139,13 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval(tmp_pat
     t.fit(model, train_dataloaders=loader(), val_dataloaders=loader())
     assert check.modes == [(False, False, True)] * 2
     changed = {k for k, v in model.student.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"head.1.weight", "head.1.bias", "head.0.running_mean", "head.0.running_var",
-                       "head.0.num_batches_tracked"}
+    assert changed == {
+        "head.1.weight",
+        "head.1.bias",
+        "head.0.running_mean",
+        "head.0.running_var",
+        "head.0.num_batches_tracked",
+    }
     assert {"val/acc", "train/loss_ce"} <= set(t.logged_metrics)
     model.eval()
     with torch.no_grad():

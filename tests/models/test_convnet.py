@@ -53,7 +53,9 @@ def test_source_builds_describes_and_defaults_to_the_data(tmp_path):
     assert ConvNetModel().describe() == "convnet:D3-w128-instancenorm"
     net = source.build(num_classes=5, in_chans=1)
     assert net(torch.randn(1, 1, 8, 8)).shape == (1, 5)
-    assert ConvNetModel(num_classes=3, in_chans=3, image_size=8, depth=2, width=4).build(5, 1).classifier.out_features == 3
+    assert (
+        ConvNetModel(num_classes=3, in_chans=3, image_size=8, depth=2, width=4).build(5, 1).classifier.out_features == 3
+    )
     config = source.to_config()
     assert config["class_path"] == "zoo.models.convnet.ConvNetModel" and config["init_args"]["width"] == 16
     from safetensors.torch import save_file

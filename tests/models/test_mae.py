@@ -18,7 +18,14 @@ from zoo.models.mae import (
     sincos_pos_embed,
 )
 
-TINY = {"embed_dim": 32, "depth": 3, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 2, "decoder_num_heads": 2}
+TINY = {
+    "embed_dim": 32,
+    "depth": 3,
+    "num_heads": 2,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 2,
+    "decoder_num_heads": 2,
+}
 
 
 def tiny(**kw) -> MaskedAutoencoder:
@@ -166,9 +173,19 @@ def test_forward_returns_loss_pred_mask():
 def test_official_checkpoint_round_trip(tmp_path):
     source = tiny()
     official = mae_keys_to_official(source.state_dict())
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight",
-                "mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.1.mlp.fc2.bias",
-                "decoder_norm.weight", "decoder_pred.weight"):
+    for key in (
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "norm.weight",
+        "mask_token",
+        "decoder_embed.weight",
+        "decoder_pos_embed",
+        "decoder_blocks.1.mlp.fc2.bias",
+        "decoder_norm.weight",
+        "decoder_pred.weight",
+    ):
         assert key in official
     assert not any(k.startswith("encoder.") for k in official)
     assert mae_keys_from_official(official).keys() == source.state_dict().keys()
@@ -182,7 +199,9 @@ def test_official_checkpoint_round_trip(tmp_path):
             la, _ = model_a.forward_encoder(x, mask.ids_keep)
             lb, _ = model_b.forward_encoder(x, mask.ids_keep)
             assert torch.equal(la, lb)
-            assert torch.equal(model_a.forward_decoder(la, mask.ids_restore), model_b.forward_decoder(lb, mask.ids_restore))
+            assert torch.equal(
+                model_a.forward_decoder(la, mask.ids_restore), model_b.forward_decoder(lb, mask.ids_restore)
+            )
 
 
 def test_encoder_only_weights_leave_the_decoder_random(tmp_path):

@@ -183,7 +183,7 @@ class DistillationMethod(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = self.param_groups()
-        sgd = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4)  # noqa: E731
+        sgd = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4)
         optimizer = (self.optimizer_factory or sgd)(params)
         if self.lr_scheduler_factory is None:
             return optimizer

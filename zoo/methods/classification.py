@@ -59,7 +59,10 @@ class ClassificationMethod(DistillationMethod):
         **kwargs: Any,
     ) -> None:
         cls = type(self)
-        if cls.loss_terms is ClassificationMethod.loss_terms and cls.training_step is ClassificationMethod.training_step:
+        if (
+            cls.loss_terms is ClassificationMethod.loss_terms
+            and cls.training_step is ClassificationMethod.training_step
+        ):
             raise TypeError(f"{cls.__name__} defines no loss: override loss_terms (or training_step)")
         # Methods whose loss reads more than the logits at one temperature (features, several temperatures) refuse.
         needs_teacher = cls.cached_soft_label_temperature is ClassificationMethod.cached_soft_label_temperature
@@ -90,8 +93,9 @@ class ClassificationMethod(DistillationMethod):
     def configure_metrics(self) -> None:
         n = self.num_classes
         top5 = min(5, n)
-        scores = MetricCollection({"acc": MulticlassAccuracy(n, average="micro"),
-                                   "acc5": MulticlassAccuracy(n, top_k=top5, average="micro")})
+        scores = MetricCollection(
+            {"acc": MulticlassAccuracy(n, average="micro"), "acc5": MulticlassAccuracy(n, top_k=top5, average="micro")}
+        )
         self.train_metrics = MetricCollection({"acc": MulticlassAccuracy(n, average="micro")}, prefix="train/")
         self.val_metrics, self.test_metrics = scores.clone(prefix="val/"), scores.clone(prefix="test/")
         self.val_teacher = MetricCollection({"teacher_acc": MulticlassAccuracy(n, average="micro")}, prefix="val/")

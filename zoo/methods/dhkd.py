@@ -1,4 +1,5 @@
-"""Dual-Head Knowledge Distillation (DHKD, arXiv 2411.08937): CE on the student's head, BinaryKL-Norm on a second one."""
+"""Dual-Head Knowledge Distillation (DHKD, arXiv 2411.08937): CE on the student's head, BinaryKL-Norm on a second
+one."""
 
 from __future__ import annotations
 
@@ -121,7 +122,9 @@ class DHKD(ClassificationMethod):
 
     def configure_metrics(self) -> None:
         super().configure_metrics()
-        self.val_aux_acc = MulticlassAccuracy(self.num_classes, average="micro") if self.hparams.log_aux_accuracy else None
+        self.val_aux_acc = (
+            MulticlassAccuracy(self.num_classes, average="micro") if self.hparams.log_aux_accuracy else None
+        )
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:

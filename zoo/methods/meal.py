@@ -26,16 +26,17 @@ class MEALV2(ClassificationMethod):
     ``zoo.hub.Pretrained`` name), SGD momentum 0.9 with weight decay 0, lr 0.01 then 0.001 after epoch 100
     (``LR_REGIME``), RandomResizedCrop + flip only.
 
-    Discriminator lr: nominally 1e-4 in the official code, but its ``_set_learning_rate`` overwrites every param
-    group each epoch, so D effectively trains at the student's lr. ``discriminator_lr=None`` (default) follows the
-    code; a number puts D in its own param group with that lr, which the per-epoch scheduler scales like the rest.
-
     Args:
         teacher: a list of sources (the ensemble); a single teacher also works (p̄ is then its softmax).
         discriminator_min_hidden: floor for the discriminator's hidden widths (see ``LogitDiscriminator``; 1, the
             default, keeps the official C//8 and C//64 wherever they are not 0).
         discriminator_lr: the discriminator's lr, or ``None`` for the student's.
         discriminator_weight: weight of L_D (1 in the paper; 0 gives MEAL V2 without D).
+
+    Notes:
+        The discriminator's lr is nominally 1e-4 in the official code, but its ``_set_learning_rate`` overwrites
+        every param group each epoch, so D trains at the student's lr. ``discriminator_lr=None`` (default) follows
+        the code; a number puts D in its own param group with that lr, which the scheduler scales like the rest.
     """
 
     def __init__(
@@ -78,4 +79,7 @@ class MEALV2(ClassificationMethod):
             return super().param_groups()
         d_params = {id(p) for p in self.discriminator.parameters()}
         student = [p for p in self.trainable_parameters() if id(p) not in d_params]
-        return [{"params": student}, {"params": list(self.discriminator.parameters()), "lr": self.hparams.discriminator_lr}]
+        return [
+            {"params": student},
+            {"params": list(self.discriminator.parameters()), "lr": self.hparams.discriminator_lr},
+        ]

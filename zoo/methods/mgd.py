@@ -84,7 +84,9 @@ class MGD(SegmentationMethod):
         self.mask_generator = BoxMaskGenerator(n_boxes=hp.n_boxes, prop_range=tuple(hp.box_prop_range))
         self.semantic_loss = MGDSemanticLoss(reduction=hp.semantic_reduction)
         self.content_loss = MGDContentLoss()
-        self.ohem = OhemCrossEntropy(hp.ohem_thresh, hp.ohem_min_kept, hp.ignore_index) if hp.sup_loss == "ohem" else None
+        self.ohem = (
+            OhemCrossEntropy(hp.ohem_thresh, hp.ohem_min_kept, hp.ignore_index) if hp.sup_loss == "ohem" else None
+        )
 
     @property
     def wide_teacher(self) -> Any:

@@ -303,7 +303,9 @@ class LinearProbe(Supervised):
     def configure_models(self) -> None:
         super().configure_models()
         head_name = self.hparams.head_name
-        name = head_name or next((n for n in _HEAD_NAMES if isinstance(getattr(self.student, n, None), nn.Linear)), None)
+        name = head_name or next(
+            (n for n in _HEAD_NAMES if isinstance(getattr(self.student, n, None), nn.Linear)), None
+        )
         head = getattr(self.student, name, None) if name else None
         if not isinstance(head, nn.Linear):
             raise TypeError(

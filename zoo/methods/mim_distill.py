@@ -36,7 +36,9 @@ __all__ = ["DMAE", "G2SDGeneric", "G2SDSpecific", "HybridDistill"]
 def _mae_member(teacher: Teacher, owner: str) -> MaskedAutoencoder:
     model = teacher.members[0]
     if not isinstance(model, MaskedAutoencoder):
-        raise TypeError(f"{owner}.teacher must build a MaskedAutoencoder (zoo.models.MAEModel), got {type(model).__name__}")
+        raise TypeError(
+            f"{owner}.teacher must build a MaskedAutoencoder (zoo.models.MAEModel), got {type(model).__name__}"
+        )
     return model
 
 
@@ -80,15 +82,18 @@ class DMAE(MAEPretrain):
         self.student_block = self.student.block_index(hp.student_block, self.student.depth, "student_block")
         self.teacher_block = t_mae.block_index(hp.teacher_block, t_mae.depth, "teacher_block")
         self.student_blocks = (self.student_block,)
-        self.feat_loss = DMAEFeatLoss(self.student.encoder.embed_dim, t_mae.encoder.embed_dim, hp.projection,
-                                      hp.distance)
+        self.feat_loss = DMAEFeatLoss(
+            self.student.encoder.embed_dim, t_mae.encoder.embed_dim, hp.projection, hp.distance
+        )
 
     def pretrain_terms(self, x: Tensor, mask: PatchMask, student: MAEPass) -> dict[str, Tensor]:
         terms = super().pretrain_terms(x, mask, student)
         t_mae = self.teacher.members[0]
         with torch.no_grad():
             _, blocks = t_mae.forward_encoder(
-                self.teacher.member_input(0, x), mask.ids_keep, upto=self.teacher_block,
+                self.teacher.member_input(0, x),
+                mask.ids_keep,
+                upto=self.teacher_block,
                 return_blocks=(self.teacher_block,),
             )
         feat = self.feat_loss(student.blocks[self.student_block], blocks[self.teacher_block])
@@ -288,8 +293,9 @@ class HybridDistill(MAEPretrain):
 
     def configure_models(self) -> None:
         super().configure_models()
-        mim = Teacher.from_sources(self.source("mim_teacher"), num_classes=self.hparams.num_classes,
-                                   in_chans=self.hparams.in_chans)
+        mim = Teacher.from_sources(
+            self.source("mim_teacher"), num_classes=self.hparams.num_classes, in_chans=self.hparams.in_chans
+        )
         self.add_teacher("mim_teacher", mim)
 
     def configure_losses(self) -> None:
@@ -356,7 +362,8 @@ class HybridDistill(MAEPretrain):
         mim_logits = self._mim_qkv.pop()
         keep = keep_with_cls(mask.ids_keep, 1)
         relation = sum(
-            self.relation_loss(student_logits[i], mim_logits[self.teacher_layers[i]], keep) for i in self.relation_layers
+            self.relation_loss(student_logits[i], mim_logits[self.teacher_layers[i]], keep)
+            for i in self.relation_layers
         )
         if self.hparams.relation_reduction == "mean":
             relation = relation / max(len(self.relation_layers), 1)

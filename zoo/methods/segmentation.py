@@ -78,13 +78,15 @@ class SegmentationMethod(DistillationMethod):
         return self.hparams.in_chans
 
     def build_student(self) -> nn.Module:
-        return build_model(self.source("student"), num_classes=self.hparams.num_classes,
-                           in_chans=self.student_in_chans())
+        return build_model(
+            self.source("student"), num_classes=self.hparams.num_classes, in_chans=self.student_in_chans()
+        )
 
     def build_segmentation_teacher(self, name: str, needs: Sequence[TapName], paths: Mapping[str, str] | None) -> None:
         """Builds teacher ``name`` from its source, taps the features ``needs`` names, and adds it."""
-        teacher = Teacher.from_sources(self.source(name), num_classes=self.num_classes,
-                                       in_chans=self.teacher_in_chans())
+        teacher = Teacher.from_sources(
+            self.source(name), num_classes=self.num_classes, in_chans=self.teacher_in_chans()
+        )
         if needs:
             teacher.set_taps(self.resolve_paths(teacher.members[0], paths, needs, name))
         self.add_teacher(name, teacher)
@@ -282,7 +284,9 @@ class PixelKD(SegmentationMethod):
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         terms = self.supervised_terms(student, target)
         mask = target if self.hparams.mask_ignore else None
-        terms["kd"] = self.hparams.kd_weight * self.kd_loss(student.features["logits"], teacher.features["logits"], mask)
+        terms["kd"] = self.hparams.kd_weight * self.kd_loss(
+            student.features["logits"], teacher.features["logits"], mask
+        )
         return terms
 
 
@@ -302,7 +306,13 @@ class CWD(SegmentationMethod):
     teacher_needs = ("logits",)
 
     def __init__(
-        self, student: ModelLike, teacher: TeacherLike, *, temperature: float = 4.0, cwd_weight: float = 3.0, **kwargs: Any
+        self,
+        student: ModelLike,
+        teacher: TeacherLike,
+        *,
+        temperature: float = 4.0,
+        cwd_weight: float = 3.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(student, teacher, **kwargs)
 

@@ -39,31 +39,24 @@ def _fixed_image_size(model: nn.Module) -> int | None:
 class TRG(ClassificationMethod):
     """TRG (arXiv 2306.12442): L = w_ce·CE + λ_kd·KD + α·L_inner + β·L_local + γ·L_global.
 
-    Tokens are read from ``student_layer`` / ``teacher_layer`` (tap names of :class:`zoo.teacher.FeatureTaps`: a
-    module path such as ``"layer3"`` for the CIFAR resnets or ``"blocks.11"`` for a timm ViT, or
-    ``"intermediates.11"``) and turned into one token per location (CNN maps) or the patch tokens (ViTs, prefix
-    tokens dropped), optionally pooled to ``token_grid × token_grid``. Teacher and student must give the same number
-    of tokens per image; this is checked at construction with a dummy forward (at the ViT's fixed input size, else
-    32 × 32) and again on every batch.
+    Tokens are read from ``student_layer`` / ``teacher_layer`` (:class:`zoo.teacher.FeatureTaps` names: a module path
+    such as ``"layer3"`` or ``"blocks.11"``, or ``"intermediates.11"``): one token per location of a CNN map, or a
+    ViT's patch tokens (prefix tokens dropped), optionally pooled to ``token_grid × token_grid``. Teacher and student
+    must give the same number of tokens per image (checked at construction with a blank batch, and on every batch).
 
     - L_inner (:class:`zoo.losses.TRGInnerLoss`): per-image contextual similarity over all tokens of the image.
-    - L_local (:class:`zoo.losses.TRGLocalLoss`) and L_global (:class:`zoo.losses.TRGGlobalLoss`): on the graph of
-      N = B·``tokens`` nodes, ``tokens`` positions per image drawn with the torch RNG, shared by teacher and
-      student.
-    - L_global compares ``projector(student token)`` with the teacher token: a Linear from the student's token
-      width to the teacher's (``projector_dim=None``, the paper's linear projection, also when the widths are
-      equal), or, with ``projector_dim=P``, Linear heads from both widths to P (CRD-style, both trained with the
-      student; the teacher network itself stays frozen).
-    - τ_g decays linearly from ``tau_start`` to ``tau_end`` with progress = global_step / estimated_stepping_batches.
-    - KD is Hinton's (``zoo.losses.KDLoss``) at ``temperature``.
-    - ``sigma=None`` means σ from the data; ``normalize_graph``, ``knn_source``, ``local_support``,
-      ``local_direction``, ``local_row_logits`` and ``normalize_inner`` go to the loss classes, whose docstrings
-      say what each means and what is verified. Under DDP each device builds the graph of its own batch.
+    - L_local, L_global (:class:`zoo.losses.TRGLocalLoss`, :class:`zoo.losses.TRGGlobalLoss`): on the graph of
+      B·``tokens`` nodes drawn per batch, shared by teacher and student; L_global compares ``projector(student
+      token)`` with the teacher token (a Linear to the teacher's width, or with ``projector_dim=P`` Linear heads from
+      both widths to P); τ_g decays linearly from ``tau_start`` to ``tau_end`` over the estimated training steps.
+    - KD is Hinton's (:class:`zoo.losses.KDLoss`) at ``temperature``. Under DDP each device builds its batch's graph.
 
-    Every default beyond the formulas is unverified (no official code; the paper's method section was not
-    readable here, see ``zoo/losses/trg.py``): α = β = γ = 0.1 (the spec's toy: 1 hurt, 0.1 was neutral), k = 8,
-    σ from the data, m = 16 tokens, τ_g 0.5 → 0.1, CE 1 + KD 1 at T = 4. Logged terms: ``ce``, ``kd``, ``inner``,
-    ``local``, ``global`` (each weighted).
+    Logged terms: ``ce``, ``kd``, ``inner``, ``local``, ``global`` (each weighted). The remaining options go to the
+    loss classes, whose docstrings say what each means.
+
+    Notes:
+        No official code exists. The defaults beyond the formulas are choices, each an option: α = β = γ = 0.1,
+        k = 8, σ from the data, 16 tokens per image, τ_g 0.5 → 0.1, CE 1 + KD 1 at T = 4.
     """
 
     def __init__(

@@ -8,6 +8,13 @@ A source is a small object with type-hinted arguments (so LightningCLI can build
 from zoo.models.cifar import CIFAR_MODELS, create_cifar_model, list_cifar_models
 from zoo.models.convnet import ConvNet, ConvNetModel, has_batchnorm
 from zoo.models.mae import MAEEncoderModel, MAEModel, MaskedAutoencoder, create_mae
+from zoo.models.segmentation import (
+    MMSegModel,
+    SMPModel,
+    TorchvisionSegmentationModel,
+    expand_input_channels,
+    segmentation_taps,
+)
 from zoo.models.sources import (
     CIFARModel,
     ModelSource,
@@ -16,13 +23,6 @@ from zoo.models.sources import (
     build_model,
     load_weights,
     read_state_dict,
-)
-from zoo.models.segmentation import (
-    MMSegModel,
-    SMPModel,
-    TorchvisionSegmentationModel,
-    expand_input_channels,
-    segmentation_taps,
 )
 
 __all__ = [

@@ -36,7 +36,7 @@ class ConvNet(nn.Module):
       running statistics are buffers that a functional forward would have to carry and mutate).
     - One-channel 28×28 input (MNIST-like) uses padding 3 in the first convolution, so it is treated as 32×32, as the
       official code does. (The official code pads every one-channel input by 3; here other sizes, e.g. the 8×8
-      scikit-learn digits, keep padding 1, which the spec's digits prototype uses.)
+      scikit-learn digits, keep padding 1.)
     - ReLU is not in place, so a functional forward with a non-leaf parameter vector stays differentiable.
 
     Args:
