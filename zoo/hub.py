@@ -1,4 +1,5 @@
-"""Published checkpoints: a registry kept as data, hash-verified downloads and cache, and the ``Pretrained`` source.
+"""Published checkpoints: a registry kept as data, hash-verified downloads and cache, and the ``Pretrained`` source
+(imported on first use: the rest of the module needs no torch).
 
 The registry is ``zoo/checkpoints/registry.json``: one entry per checkpoint with its name, task, method, the model
 source that builds its architecture, data set, metrics, input size, normalisation, sha256, file size, URLs,
@@ -46,14 +47,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from torch import nn
-
-from zoo.models.sources import ModelSource, load_weights, source_from_config
-
 __all__ = [
     "ChecksumError",
     "DownloadError",
-    "Pretrained",
+    "Pretrained",  # noqa: F822 - provided on first use by __getattr__
     "cache_dir",
     "checkpoint_urls",
     "download",
@@ -457,10 +454,12 @@ def download(name: str, dir: str | os.PathLike | None = None) -> Path:
     return download_url_to_file(source.resolve().as_uri(), target, entry["sha256"], entry["file_size"])
 
 
-def load(name: str) -> tuple[nn.Module, dict[str, Any]]:
+def load(name: str) -> tuple[Any, dict[str, Any]]:
     """A ready model (eval mode) and its registry entry, which carries the preprocessing (``mean``, ``std``,
     ``input_size``) and the metrics. The weights come from ``download(name)``: shipped, cached or fetched, verified.
     """
+    from zoo.models.sources import load_weights, source_from_config
+
     entry = get_entry(name)
     if entry["task"] == TASK_DISTILLED:
         raise ValueError(
@@ -472,40 +471,11 @@ def load(name: str) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), entry
 
 
-class Pretrained(ModelSource):
-    """A published checkpoint of the registry, usable wherever a model source is expected::
+def __getattr__(name: str) -> Any:
+    # ``Pretrained`` is a model source and needs torch; the registry, verification and download do not, so
+    # ``zoo checkpoints list`` starts without it.
+    if name == "Pretrained":
+        from zoo.models.pretrained import Pretrained
 
-        teacher: {class_path: zoo.hub.Pretrained, init_args: {name: digits-resnet32-teacher}}
-
-    The architecture comes from the entry, the weights from ``download(name)`` (shipped, cached or fetched on first
-    use, verified against the entry's sha256), and the normalisation the weights expect (``mean``/``std``) from the
-    entry, so a teacher re-normalises its input when needed.
-
-    Args:
-        name: the registry name (see ``zoo checkpoints list``).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        entry = get_entry(name)
-        if entry["task"] == TASK_DISTILLED:
-            raise ValueError(
-                f"Pretrained.name: {name!r} is a distilled set, not a model; use it as data: "
-                f"DistilledDataModule(path='hub:{name}')"
-            )
-        self.mean, self.std = tuple(entry["mean"]), tuple(entry["std"])
-
-    def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
-        model, entry = load(self.name)
-        arch = entry["architecture"].get("init_args", {})
-        for field, given in (("num_classes", num_classes), ("in_chans", in_chans)):
-            own = arch.get(field)
-            if given is not None and own is not None and own != given:
-                raise ValueError(
-                    f"Pretrained({self.name!r}) has {field}={own} but the data has {given}; use a checkpoint "
-                    "trained for this data or change the data module"
-                )
-        return model
-
-    def describe(self) -> str:
-        return f"hub:{self.name}"
+        return Pretrained
+    raise AttributeError(f"module 'zoo.hub' has no attribute {name!r}")

@@ -18,13 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save as safetensors_bytes
-
 from zoo import hub
 from zoo.hub import TASK_DISTILLED, download_url_to_file, list_checkpoints, sha256_file
 from zoo.io import atomic_write
-from zoo.models.sources import read_state_dict
 
 __all__ = [
     "architecture_from_hparams",
@@ -53,6 +49,7 @@ def _git_commit() -> str | None:
 def _versions() -> dict[str, str]:
     import lightning
     import timm
+    import torch
 
     import zoo
 
@@ -151,7 +148,14 @@ def export_student(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, na
     The file is written to a temporary name in ``out_dir`` and renamed into place, so an interruption never
     leaves a half-written checkpoint under its final name. Returns the path and the full sha256.
     """
+    import torch
+    from safetensors.torch import save as safetensors_bytes
+
+    from zoo.divergence import check_finite_state
+    from zoo.models.sources import read_state_dict
+
     state = {k: v.contiguous() for k, v in read_state_dict(checkpoint).items() if isinstance(v, torch.Tensor)}
+    check_finite_state(state, f"publish {checkpoint}")
     data = safetensors_bytes(state, metadata={"name": name, "format": "pt"})
     digest = hashlib.sha256(data).hexdigest()
     final = atomic_write(Path(out_dir) / f"{name}-{digest[:8]}.safetensors", data)
@@ -279,6 +283,8 @@ def publish(
     """
     check_target(name, out_dir)
     ckpt, run = resolve_run(path)
+    import torch
+
     hparams = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     config_file = run / "config.yaml"
     config: dict[str, Any] = {}

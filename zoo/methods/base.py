@@ -15,6 +15,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 
+from zoo.divergence import check_finite_state, check_finite_terms
 from zoo.models.sources import ModelSource, as_config, build_model, source_from_config
 from zoo.teacher import Teacher, freeze
 
@@ -159,9 +160,13 @@ class DistillationMethod(L.LightningModule):
     def log_loss_terms(self, terms: Mapping[str, Tensor], batch_size: int) -> Tensor:
         """Logs each (weighted) term as ``train/loss_<name>`` and their sum as ``train/loss``; returns the sum."""
         loss = torch.stack(list(terms.values())).sum()
+        check_finite_terms(terms, loss, self.global_step)
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_finite_state(checkpoint["state_dict"], f"checkpoint at step {self.global_step}")
 
     def evaluate(self, batch: Any, stage: Literal["val", "test"], batch_idx: int = 0) -> dict[str, Tensor]:
         """Updates and logs the ``<stage>/...`` metrics of one batch; returns tensors for callbacks."""
