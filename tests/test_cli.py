@@ -58,7 +58,7 @@ def test_csv_is_always_logged_next_to_a_configured_wandb_logger(tmp_path, monkey
     assert kinds == [CSVLogger, WandbLogger]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.loggers[1].experiment.finish()
-    run = tmp_path / "supervised-digits" / "version_0"
+    run = tmp_path / "classification/digits/baseline" / "version_0"
     assert "train/loss_ce" in (run / "metrics.csv").read_text()
 
 
@@ -66,7 +66,7 @@ def test_default_logger_is_csv_under_runs(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     cli = ZooCLI(args=["--config", "configs/classification/digits/dkd.yaml"], run=False)
     assert [type(lg) for lg in cli.trainer.loggers] == [CSVLogger]
-    assert cli.trainer.loggers[0].name == "dkd-digits" and cli.trainer.loggers[0].save_dir == "runs"
+    assert cli.trainer.loggers[0].name == "classification/digits/dkd" and cli.trainer.loggers[0].save_dir == "runs"
 
 
 def test_bad_config_fails_naming_the_field(monkeypatch, capsys):

@@ -104,7 +104,7 @@ def test_publish_cli_exports_a_finished_run(tmp_path, monkeypatch, capsys):
     ZooCLI(args=["fit", "--config", "configs/classification/digits/baseline.yaml", "--trainer.max_epochs=1",
                  "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--summary.enabled=false",
                  f"--trainer.default_root_dir={tmp_path}"])
-    run = tmp_path / "supervised-digits" / "version_0"
+    run = tmp_path / "classification/digits/baseline" / "version_0"
     capsys.readouterr()
     assert checkpoints_main(["publish", str(run), "--name", "tiny", "--dir", str(tmp_path / "pub"),
                              "--config", "configs/classification/digits/baseline.yaml",

@@ -383,11 +383,11 @@ def test_cli_download_and_verify(zoo, serve, capsys):
     bad.write_bytes(zoo.data[:-1] + bytes([zoo.data[-1] ^ 0xFF]))
     actual = hub.sha256_file(bad)
     assert checkpoints_main(["verify", str(bad)]) == 1
-    assert f"sha256 mismatch: expected {zoo.published['sha256']}, got {actual}" in capsys.readouterr().out
+    assert f"sha256 {actual} is not the registry's {zoo.published['sha256']}" in capsys.readouterr().err
     stranger = zoo.home.parent / "bad" / "unknown-0123abcd.safetensors"
     stranger.write_bytes(b"x")
     assert checkpoints_main(["verify", str(stranger)]) == 1
-    assert "matches no registry entry" in capsys.readouterr().out
+    assert "matches no registry entry" in capsys.readouterr().err
 
 
 def test_cli_download_reports_failures(zoo, capsys, monkeypatch):

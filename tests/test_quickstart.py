@@ -21,7 +21,7 @@ def test_quickstart_runs_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "hub:digits-resnet32-teacher" in out and "cifar:resnet8" in out
     assert "student–teacher top-1 agreement" in out
-    run = tmp_path / "kd-digits" / "version_0"
+    run = tmp_path / "quickstart" / "version_0"
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
     header = (run / "metrics.csv").read_text().splitlines()[0]
     for column in (

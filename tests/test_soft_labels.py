@@ -381,3 +381,29 @@ def test_ranks_build_their_own_shards_and_rank_zero_completes_the_cache(tmp_path
         assert np.array_equal(
             np.load(tmp_path / f"shard_{s:05d}.prob.npy"), np.load(single / f"shard_{s:05d}.prob.npy")
         )
+
+
+def test_a_run_that_builds_the_cache_trains_as_one_that_reuses_it(tmp_path, monkeypatch) -> None:
+    """The build runs under a forked random state, so building the cache does not change the training draws."""
+    from pathlib import Path
+
+    from zoo.cli import ZooCLI
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cache = tmp_path / "cache"
+
+    def student(run: str) -> dict:
+        cli = ZooCLI(args=["--config", "configs/quickstart.yaml", "--trainer.max_epochs=1",
+                           "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+                           "--trainer.enable_checkpointing=false", "--trainer.logger=false",
+                           f"--trainer.default_root_dir={tmp_path / run}", "--summary.enabled=false",
+                           f"--model.init_args.soft_labels.path={cache}", "--model.init_args.soft_labels.repeats=2"],
+                     run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return {k: v.clone() for k, v in cli.model.student.state_dict().items()}
+
+    built = student("build")
+    assert json.loads((cache / "cache.json").read_text())["complete"]
+    reused = student("reuse")
+    for key, value in built.items():
+        assert torch.equal(value, reused[key]), key

@@ -78,6 +78,22 @@ def _config_files(argv: list[str]) -> list[str]:
     return files
 
 
+def _check_config_file(file: str) -> None:
+    """Refuses a config file that is missing, empty or not YAML, naming it (the parser would say "<string>")."""
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"--config {path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"--config {path}: the file holds no settings (expected a mapping with model, data, ...)")
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
@@ -116,6 +132,8 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         self._resume_version: int | None = None
         self._config_files = _config_files(list(sys.argv[1:] if args is None else args))
+        for file in self._config_files:
+            _check_config_file(file)
         # Any LightningModule: distillation methods (zoo.methods) and the dataset-distillation modules alike.
         super().__init__(
             L.LightningModule,
@@ -182,7 +200,8 @@ class ZooCLI(LightningCLI):
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"--ckpt_path: {path} is not a readable checkpoint (truncated or corrupt): {err}") from err
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"--ckpt_path: {path} is not a readable checkpoint (truncated or corrupt: {reason})") from None
         if "state_dict" not in checkpoint:
             raise ValueError(f"--ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
         run = path.parent.parent if path.parent.name == "checkpoints" else None
@@ -221,10 +240,11 @@ class ZooCLI(LightningCLI):
         config = self._config()
         trainer = config.get("trainer") or {}
         accelerator = str(trainer.get("accelerator") or "auto")
-        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        running = bool(self.config.get("subcommand"))  # not when a config is only built (tests, benchmarks)
+        if running and accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise ValueError(f"trainer.accelerator: {accelerator!r} asked for, but this machine has no CUDA device "
                              "(use accelerator: cpu or auto)")
-        if accelerator == "mps" and not torch.backends.mps.is_available():
+        if running and accelerator == "mps" and not torch.backends.mps.is_available():
             raise ValueError("trainer.accelerator: 'mps' asked for, but this machine has no MPS device")
         max_epochs = trainer.get("max_epochs")
         if max_epochs is not None and max_epochs < -1:
@@ -254,24 +274,38 @@ class ZooCLI(LightningCLI):
             if not any(isinstance(lg, CSVLogger) for lg in loggers):
                 loggers.insert(0, csv())
             for lg in loggers:
-                # W&B runs are grouped by run name unless the config names a group.
-                if isinstance(lg, WandbLogger) and not lg._wandb_init.get("group"):
-                    lg._wandb_init["group"] = name
+                if isinstance(lg, WandbLogger):
+                    _place_wandb(lg, Path(root) / name, name)
             config["logger"] = loggers
         config["default_root_dir"] = root
         configured = list(config.get("callbacks") or []) + list(callbacks)
         extra: list = []
         if not any(isinstance(cb, DistillationMonitor) for cb in configured):
             extra.append(DistillationMonitor(teacher_acc=False, agreement=False, kl=False, loss_shares=False))
-        if config.get("enable_checkpointing", True) is not False and not any(
+        fitting = self.config.get("subcommand") in (None, "fit")  # None: built to be fitted from Python
+        if fitting and config.get("enable_checkpointing", True) is not False and not any(
             isinstance(cb, ModelCheckpoint) for cb in configured
         ):
             extra.append(ModelCheckpoint(save_last=True))
-        if not any(isinstance(cb, ExactResume) for cb in configured):
+        if fitting and not any(isinstance(cb, ExactResume) for cb in configured):
             extra.append(ExactResume())
         trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         _threads_per_process(trainer)
         return trainer
+
+
+def _place_wandb(logger: WandbLogger, run_dir: Path, group: str) -> None:
+    """A W&B run writes its files into the run folder (not ./wandb) unless the config gives a folder, is grouped
+    under the run name unless the config names a group, and does not pass wandb the unused ``anonymous`` setting."""
+    init = logger._wandb_init
+    if init.get("dir") in (None, "."):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        init["dir"] = str(run_dir)
+        logger._save_dir = str(run_dir)
+    if not init.get("group"):
+        init["group"] = group
+    if init.get("anonymous") is None:
+        init.pop("anonymous", None)
 
 
 def _threads_per_process(trainer: Trainer) -> None:
@@ -312,8 +346,34 @@ def main(args: ArgsType = None) -> None:
     run_reporting_errors(lambda: _run_cli(cli_args), argv)
 
 
+class _FdStdout:
+    """Writes straight to file descriptor 1: whatever objects stand in for ``sys.stdout`` (captures, wrappers that
+    other libraries install and later close), the process's standard output receives the text."""
+
+    def write(self, text: str) -> int:
+        return os.write(1, text.encode())
+
+    def flush(self) -> None:
+        sys.stdout.flush() if not sys.stdout.closed else None
+
+
+def _route_lightning_output() -> None:
+    """Lightning's info messages (seed, devices, tips) go to stdout, so stderr carries warnings and errors only; its
+    known internal deprecation warning about pytree LeafSpec is not the user's to act on."""
+    import logging
+    import warnings
+
+    names = [n for n in logging.Logger.manager.loggerDict if n == "lightning" or n.startswith("lightning.")]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _FdStdout):
+                handler.setStream(_FdStdout())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def _run_cli(cli_args: list[str]) -> None:
     # LightningCLI reads sys.argv itself; passing the same arguments again as `args` makes it warn.
+    _route_lightning_output()
     saved = sys.argv
     sys.argv = [saved[0] if saved else "zoo", *cli_args]
     try:

@@ -48,17 +48,24 @@ def _message(err: BaseException) -> str:
     return re.sub(r"\s+", " ", (specific or candidates)[-1 if specific else 0])
 
 
+_FRAMING = re.compile(
+    r"^\s*(Parser key|Does not validate|Problem with given class_path|Errors:|Given value|Subtypes:|Type typing|"
+    r"Expected a path|- |Configuration check failed|Validation failed)"
+)
+
+
 def error_line(err: BaseException) -> str:
     """The root cause of ``err`` as one line, prefixed with the config key it concerns when the config parser
-    names one (``model.optimizer.lr: ...``): the innermost message of the exception chain that is not one of
-    jsonargparse's framing lines (``Given value: Namespace(...)`` and the like)."""
+    names one (``model.optimizer.lr: ...``): the outermost exception of the chain that is not one of
+    jsonargparse's framing reports, which is the project's own message where it wrapped a library's."""
     chain = [e for e in _chain(err) if str(e).strip()] or [err]
     keys: list[str] = []
     for e in chain:
         match = re.match(r'\s*Parser key "([^"]+)"', str(e))
         if match and (not keys or keys[-1] != match.group(1)):
             keys.append(match.group(1))
-    line = _message(chain[-1])
+    plain = [e for e in chain if not _FRAMING.match(str(e))]
+    line = _message(plain[0] if plain else chain[-1])
     key = ".".join(keys)
     if key and not line.startswith(key.split(".")[0]):
         line = f"{key}: {line}"

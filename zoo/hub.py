@@ -39,13 +39,15 @@ import http.client
 import json
 import os
 import sys
-import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from zoo.io import atomic_path
 
 __all__ = [
     "ChecksumError",
@@ -60,6 +62,7 @@ __all__ = [
     "list_checkpoints",
     "load",
     "registry",
+    "remove_stale_parts",
     "sha256_file",
     "verify_file",
     "zoo_home",
@@ -70,6 +73,7 @@ REGISTRY_FILE = PACKAGE_DIR / "registry.json"
 ENV_HOME = "ZOO_HOME"
 ENV_OFFLINE = "ZOO_OFFLINE"
 ENV_MIRROR = "ZOO_CHECKPOINT_MIRROR"
+ENV_REGISTRY = "ZOO_REGISTRY"  # extra registries: files or publish folders, separated by os.pathsep
 DEFAULT_HOME = "~/.cache/distill-zoo"
 TASK_DISTILLED = "dataset-distillation"
 DISTILLED_FIELDS = ("ipc", "iteration", "eval_nets")  # required, besides REQUIRED_FIELDS, of a distilled set's entry
@@ -77,6 +81,9 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # a registry name: also the start 
 # Seconds a connection or a single read may stall before an HTTP download is abandoned (not a total limit).
 DOWNLOAD_TIMEOUT = 60.0
 _CHUNK = 1 << 20
+PART_SUFFIX = ".part"
+# A partial download untouched for this long belongs to a dead process (pip and huggingface_hub use similar rules).
+STALE_PART_SECONDS = 600.0
 REQUIRED_FIELDS = (
     "name",
     "task",
@@ -106,31 +113,62 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def registry(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """All registry entries, validated (a malformed entry fails naming the entry and the field).
-
-    ``path`` defaults to ``REGISTRY_FILE``, read at call time (so tests and tools may point it elsewhere).
-    """
-    path = Path(path if path is not None else REGISTRY_FILE)
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint registry {path} is not valid JSON: {err}") from err
+def _validated(entries: Any, source: Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list):
-        raise ValueError(f"checkpoint registry {path} must hold a JSON list of entries")
-    seen: set[str] = set()
+        raise ValueError(f"checkpoint registry {source} must hold a JSON list of entries")
     for i, entry in enumerate(entries):
         missing = [k for k in REQUIRED_FIELDS if k not in entry]
         if missing:
-            raise ValueError(f"checkpoint registry {path}: entry {i} ({entry.get('name')!r}) lacks {missing}")
-        if entry["name"] in seen:
-            raise ValueError(f"checkpoint registry {path}: duplicate name {entry['name']!r}")
-        seen.add(entry["name"])
+            raise ValueError(f"checkpoint registry {source}: entry {i} ({entry.get('name')!r}) lacks {missing}")
         missing = [k for k in DISTILLED_FIELDS if entry["task"] == TASK_DISTILLED and k not in entry]
         if missing:
-            raise ValueError(f"checkpoint registry {path}: distilled set {entry['name']!r} lacks {missing}")
+            raise ValueError(f"checkpoint registry {source}: distilled set {entry['name']!r} lacks {missing}")
         if not str(entry["file"]).endswith(f"-{entry['sha256'][:8]}.safetensors"):
-            raise ValueError(f"checkpoint registry {path}: {entry['name']}.file must end in -<sha256[:8]>.safetensors")
+            raise ValueError(
+                f"checkpoint registry {source}: {entry['name']}.file must end in -<sha256[:8]>.safetensors"
+            )
+    return entries
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"checkpoint registry {path} is not valid JSON: {err}") from err
+
+
+def _user_entries(spec: str) -> list[dict[str, Any]]:
+    """The entries of ``ZOO_REGISTRY``: registry files (a JSON list), publication cards (``<name>-<sha8>.json``,
+    whose ``entry`` is read), or folders holding either (a ``zoo checkpoints publish --dir``); each entry
+    remembers its folder, where its file is looked for first."""
+    entries = []
+    for item in filter(None, spec.split(os.pathsep)):
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{ENV_REGISTRY}: no such file or folder: {path}")
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+        for file in files:
+            data = _read_json(file)
+            found = [data["entry"]] if isinstance(data, dict) and "entry" in data else data
+            if path.is_dir() and not isinstance(found, list):
+                continue  # some other JSON file in the folder
+            entries += [{**e, "_dir": str(file.parent.resolve())} for e in _validated(found, file)]
+    return entries
+
+
+def registry(path: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """All registry entries, validated (a malformed entry fails naming the entry and the field): the package's
+    registry (``REGISTRY_FILE``, read at call time) and those of ``ZOO_REGISTRY`` (see :func:`_user_entries`), or
+    only the file ``path``. A name given twice fails, naming it."""
+    entries = _validated(_read_json(Path(path)), Path(path)) if path is not None else []
+    if path is None:
+        entries = _validated(_read_json(REGISTRY_FILE), REGISTRY_FILE) + _user_entries(os.environ.get(ENV_REGISTRY, ""))
+    seen: set[str] = set()
+    for entry in entries:
+        if entry["name"] in seen:
+            raise ValueError(f"checkpoint registry: the name {entry['name']!r} is given twice "
+                             f"(the package's registry and {ENV_REGISTRY} share a name?)")
+        seen.add(entry["name"])
     return entries
 
 
@@ -329,29 +367,29 @@ def download_url_to_file(
     """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(dst)
     with _open_url(url, timeout) as (stream, announced):
         if announced is not None and file_size is not None and announced != file_size:
             raise DownloadError(f"{url}: announces {announced} bytes but the registry expects {file_size}")
         expected_size = file_size if file_size is not None else announced
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", suffix=".part", dir=dst.parent)
-        try:
+        # the bytes go to dst's folder as .<name>-*.part; renamed onto dst only once their count and hash match
+        with atomic_path(dst, suffix=PART_SUFFIX) as tmp, open(tmp, "wb") as out:
             digest = hashlib.sha256()
             received = 0
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    try:
-                        block = stream.read(_CHUNK)
-                    except (OSError, http.client.HTTPException) as err:
-                        raise DownloadError(
-                            f"{url}: transfer interrupted after {received} bytes: {type(err).__name__}: {err}"
-                        ) from err
-                    if not block:
-                        break
-                    received += len(block)
-                    if expected_size is not None and received > expected_size:
-                        raise DownloadError(f"{url}: sent more than the expected {expected_size} bytes")
-                    digest.update(block)
-                    out.write(block)
+            while True:
+                try:
+                    block = stream.read(_CHUNK)
+                except (OSError, http.client.HTTPException) as err:
+                    raise DownloadError(
+                        f"{url}: transfer interrupted after {received} bytes: {type(err).__name__}: {err}"
+                    ) from err
+                if not block:
+                    break
+                received += len(block)
+                if expected_size is not None and received > expected_size:
+                    raise DownloadError(f"{url}: sent more than the expected {expected_size} bytes")
+                digest.update(block)
+                out.write(block)
             if expected_size is not None and received != expected_size:
                 raise DownloadError(
                     f"{url}: incomplete transfer: got {received} of {expected_size} bytes (connection closed early?)"
@@ -361,24 +399,36 @@ def download_url_to_file(
                 raise ChecksumError(
                     f"{url}: sha256 mismatch: expected {sha256}, got {actual}", path=url, expected=sha256, actual=actual
                 )
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            out.flush()
     return dst
+
+
+def remove_stale_parts(dst: str | os.PathLike, max_age: float = STALE_PART_SECONDS) -> list[Path]:
+    """Deletes the partial downloads of ``dst`` (``.<name>-*.part`` beside it) that no process has written to for
+    ``max_age`` seconds: what a killed download leaves. A live download writes every few seconds (a stalled one
+    gives up after ``DOWNLOAD_TIMEOUT``), so it is never taken for stale. Returns the files removed."""
+    dst = Path(dst)
+    removed = []
+    for part in dst.parent.glob(f".{dst.name}-*{PART_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - part.stat().st_mtime > max_age:
+                part.unlink()
+                removed.append(part)
+    return removed
 
 
 def _local_file(entry: dict[str, Any]) -> Path:
     """The verified local file of an entry: shipped, cached, or downloaded into the cache (see the module doc)."""
     name, file = entry["name"], entry["file"]
     sha256, file_size = entry["sha256"], entry["file_size"]
-    shipped = PACKAGE_DIR / file
+    shipped = Path(entry["_dir"]) / file if entry.get("_dir") else PACKAGE_DIR / file
     if shipped.is_file():
         try:
             return verify_file(shipped, sha256, file_size)
         except ChecksumError as err:
             raise ChecksumError(
-                f"checkpoint {name!r}: the file shipped with the package is corrupt (reinstall distill-zoo): {err}",
+                f"checkpoint {name!r}: the file {shipped} is corrupt "
+                f"({'republish it' if entry.get('_dir') else 'reinstall distill-zoo'}): {err}",
                 path=shipped,
                 expected=err.expected,
                 actual=err.actual,
@@ -441,6 +491,7 @@ def download(name: str, dir: str | os.PathLike | None = None) -> Path:
         KeyError: unknown name. FileNotFoundError: offline and not cached, or no source to download from.
         ChecksumError: a shipped (or, offline, a cached) file is corrupt. DownloadError: every source failed.
     """
+    is_offline()  # an unreadable ZOO_OFFLINE is refused whatever the source
     entry = get_entry(name)
     source = _local_file(entry)
     if dir is None:

@@ -45,9 +45,13 @@ def main(argv: list[str] | None = None, test_metrics: TestMetrics | None = None)
     args = parser.parse_args(argv)
 
     if args.command == "list":
+        rows = [("name", "task", "method", "data", "metrics", "file")]
         for e in hub.list_checkpoints(args.pattern):
             metrics = ", ".join(f"{k}={v}" for k, v in e["metrics"].items())
-            print(f"{e['name']}\t{e['task']}\t{e['method']}\t{e['dataset']}\t{metrics}\t{e['file']}")
+            rows.append((e["name"], e["task"], e["method"], e["dataset"], metrics, e["file"]))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     elif args.command == "publish" and Path(args.path).suffix == ".safetensors":
         try:
             entry = publish_distilled(args.path, args.name, args.dir, args.dataset, args.config, args.fit_command)
@@ -78,18 +82,20 @@ def main(argv: list[str] | None = None, test_metrics: TestMetrics | None = None)
     elif args.command == "verify":
         path = Path(args.file)
         if not path.is_file():
-            print(f"{path}: no such file", file=sys.stderr)
+            print(f"zoo checkpoints verify: {path}: no such file" + (" (a folder)" if path.is_dir() else ""),
+                  file=sys.stderr)
             return 1
         actual = hub.sha256_file(path)
         # <name>-<hash8>.safetensors names its entry: a known name with another hash is a corrupt or stale file.
         named = re.fullmatch(r"(?P<name>.+)-[0-9a-f]{8}\.safetensors", path.name)
         entry = next((e for e in hub.registry() if named and e["name"] == named["name"]), None)
         if entry is not None and entry["sha256"] != actual:
-            print(f"{path}: sha256 mismatch: expected {entry['sha256']}, got {actual} (registry entry {entry['name']})")
+            print(f"zoo checkpoints verify: {path}: sha256 {actual} is not the registry's {entry['sha256']} "
+                  f"(entry {entry['name']}; the file is corrupt or stale)", file=sys.stderr)
             return 1
         match = [entry] if entry is not None else [e for e in hub.registry() if e["sha256"] == actual]
         if not match:
-            print(f"{path}: sha256 {actual} matches no registry entry")
+            print(f"zoo checkpoints verify: {path}: sha256 {actual} matches no registry entry", file=sys.stderr)
             return 1
         print(f"{path}: OK, {match[0]['name']} (sha256 {actual})")
     elif args.command == "download":

@@ -99,6 +99,9 @@ def describe_source(spec: Any) -> str | None:
     return source.describe() if isinstance(source, ModelSource) else type(source).__name__
 
 
+_SPLIT_WORDS = {"val": "validation split, last epoch", "test": "test split"}
+
+
 def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
     """The Markdown model card."""
     distilled = entry["task"] == TASK_DISTILLED
@@ -115,7 +118,8 @@ def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
         "",
         "## Metrics",
         "",
-        *[f"- {k}: {v}" for k, v in entry["metrics"].items()],
+        *[f"- {k}: {v}" + (f" ({_SPLIT_WORDS[s]})" if (s := card.get("metric_splits", {}).get(k)) else "")
+          for k, v in entry["metrics"].items()],
         "",
         "## Library versions",
         "",
@@ -244,7 +248,8 @@ def _data_facts(config: dict[str, Any]) -> dict[str, Any]:
 
     dm = source_from_config(data)
     size = getattr(dm, "image_size", None)
-    return {"mean": list(dm.mean), "std": list(dm.std), "input_size": [dm.in_chans, size, size], "dataset": dm.name}
+    return {"mean": list(dm.mean), "std": list(dm.std), "input_size": [dm.in_chans, size, size], "dataset": dm.name,
+            "test_split": getattr(dm, "test_split", "test")}
 
 
 def check_target(name: str, out_dir: str | os.PathLike) -> Path:
@@ -294,7 +299,11 @@ def publish(
         config = yaml.safe_load(config_file.read_text()) or {}
     facts = _data_facts(config)
     config_path = config_path or str(config_file)
-    metrics = {**_last_val_metrics(run), **(test_metrics or {})}
+    metrics = _last_val_metrics(run)
+    test_split = facts.get("test_split", "test")
+    if test_split == "test":
+        metrics.update(test_metrics or {})
+    # a data module whose test loader reads the validation split has no test metric: the card never calls it test
     entry = {
         "name": name,
         "task": "classification",
@@ -319,6 +328,7 @@ def publish(
         "teacher": describe_source(hparams.get("teacher")),
         "dataset": entry["dataset"],
         "config": config,
+        "metric_splits": {k: ("test" if k.startswith("test_") else "val") for k in entry["metrics"]},
     }
     _, entry = write_publication(ckpt, out_dir, entry, card)
     return entry

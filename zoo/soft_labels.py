@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from zoo.data.transforms import ReplayAugment
 from zoo.io import atomic_path, atomic_write
+from zoo.progress import progress
 
 __all__ = [
     "CACHE_FORMAT",
@@ -225,7 +226,8 @@ def build_soft_label_cache(
         index = np.empty((stop - start, options.repeats, k), dtype=index_dtype)
         prob = np.empty((stop - start, options.repeats, k), dtype=np.float16)
         done = 0
-        for images in loader:  # (images, R, C, H, W): every view of an image from one decode
+        batches = progress(loader, f"soft labels, shard {shard + 1}/{num_shards}")
+        for images in batches:  # (images, R, C, H, W): every view of an image from one decode
             b = images.shape[0]
             with torch.no_grad():
                 top_prob, top_index = teacher_top_k(teacher(images.flatten(0, 1).to(device)), temperature, k)

@@ -71,9 +71,9 @@ def test_callbacks_from_yaml_with_init_args(tmp_path, monkeypatch):
     assert (monitor.kl, monitor.throughput, monitor.log_every_n_steps) == (False, False, 2)
     assert gallery.class_names[9] == "nine"
     # the CSV run folder of ZooCLI: 2 × 2 tiles of 16×16 digits upscaled 2×, three caption lines
-    png = tmp_path / "kd-digits" / "version_0" / "gallery" / "epoch_0.png"
+    png = tmp_path / "quickstart" / "version_0" / "gallery" / "epoch_0.png"
     with Image.open(png) as image:
         assert image.size == (2 * (32 + 2 * PAD), 2 * (32 + 3 * LINE_HEIGHT + 2 * PAD))
-    header = (tmp_path / "kd-digits" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (tmp_path / "quickstart" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/share_ce", "train/share_kd", "val/teacher_acc_once"} <= set(header)
     assert not {"val/kl_teacher_student", "perf/images_per_sec"} & set(header)

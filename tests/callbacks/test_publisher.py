@@ -122,7 +122,7 @@ def test_wandb_offline_run_holds_metrics_config_and_artifact(tmp_path, monkeypat
     wandb_logger = cli.trainer.loggers[1]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     run = wandb_logger.experiment
-    assert run.group == "kd-digits"
+    assert run.group == "quickstart"
     assert run.config["model"]["class_path"] == "zoo.methods.KD"
     run.finish()
     # wandb's offline run keeps config, history and artifacts in its binary run log (protobuf records, strings

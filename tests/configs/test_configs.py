@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
 # Dataset-distillation configs need an expert buffer first (tests/dataset_distillation runs them); the feature
 # distillation configs chain checkpoints (tests/configs/test_feature_configs.py runs them without).
-OWN_TESTS = ("/dataset_distillation/", "/feature_distillation/")
+# families whose digits configs run in their own tests (chained stages, expert buffers)
+OWN_TESTS = ("/dataset_distillation/", "/feature_distillation/", "/vlm/")
 DIGITS = [
     c for c in CONFIGS if ("/digits/" in c and not any(k in c for k in OWN_TESTS)) or c.endswith("quickstart.yaml")
 ]

@@ -16,6 +16,15 @@ STANDARD = [c for c in SEG if "/digit_scenes/" not in c]
 SOURCES = ("student", "teacher", "wide_teacher")
 
 
+def _empty_data_root(tmp_path: Path) -> Path:
+    """A folder with the top-level layout of VOC, Cityscapes and ADE20K and no images: enough for the data modules to
+    be built (they check their root at construction); the steps below run on tensors."""
+    root = tmp_path / "data_root"
+    for folder in ("JPEGImages", "leftImg8bit/train", "images/training"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _offline_copy(config: str, tmp_path: Path, **data_args) -> str:
     """The config with the same architectures but no weights to read (no teacher file or download in CI)."""
     raw = yaml.safe_load((ROOT / config).read_text())
@@ -68,7 +77,8 @@ def test_standard_config_builds_and_steps_on_shaped_tensors(config, tmp_path, mo
     raw = yaml.safe_load((ROOT / config).read_text())
     cli = ZooCLI(
         args=[
-            "--config", _offline_copy(config, tmp_path, labelled_list=None, unlabelled_list=None),
+            "--config", _offline_copy(config, tmp_path, labelled_list=None, unlabelled_list=None,
+                                      root=str(_empty_data_root(tmp_path))),
             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32",
             "--trainer.sync_batchnorm=false", "--trainer.logger=false", "--trainer.max_steps=1",
             "--trainer.limit_val_batches=0", "--trainer.enable_checkpointing=false",

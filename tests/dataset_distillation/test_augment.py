@@ -198,6 +198,21 @@ def test_unit_scale_and_zero_rotation_are_identity():
     assert out[0, 0, 4, 4] == pytest.approx(1.0) and out[0, 0, 0, 0] < 1.0
 
 
+def test_rotate_angle_is_the_official_float32_arithmetic_bit_for_bit():
+    """rand_rotate of mtt-distillation computes (u − ½)·2·15/180·π one float32 operation at a time; the zoo does
+    the same, so the same draw gives the same angle and image bit for bit (an equal formula that rounds differently,
+    e.g. (u − ½)·radians(30), differs by an ulp in some angles, which 50 MTT iterations amplify into visibly
+    different images: benchmarks/peers/mtt_official.py)."""
+    x = torch.randn(512, 3, 8, 8)
+    out = DiffAugment("rotate")(x, generator=_gen(5))
+    g = _gen(5)
+    torch.randint(1, (1,), generator=g)  # mode S: the family draw (one family here)
+    u = torch.rand(512, generator=g)
+    angle = (u - 0.5) * 2 * 15.0 / 180 * math.pi
+    assert torch.equal(out, rotate(x, angle))
+    assert not torch.equal(angle, (u - 0.5) * (2 * math.radians(15.0)))  # the other formula does round differently
+
+
 def _correlated(n: int, seed: int = 0) -> torch.Tensor:
     g = _gen(seed)
     a = torch.randn(12, 12, generator=g)

@@ -1,5 +1,6 @@
 """Flat parameters and functional forward, the trajectory files and buffer, and expert training on tiny digits."""
 
+import re
 import warnings
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from zoo.data import DigitsDataModule
 from zoo.dataset_distillation import buffer as buffer_module
 from zoo.dataset_distillation.buffer import (
     Trajectory,
@@ -140,7 +142,8 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_buffer_errors_name_the_folder_the_file_and_the_field(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing.*does not exist.*zoo fit --config configs/dataset_distillation/"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"missing.*does not exist.*zoo fit --config configs/dataset_distillation/"):
         TrajectoryBuffer(tmp_path / "missing")
     empty = tmp_path / "runs" / "dataset_distillation" / "cifar10" / "experts"
     empty.mkdir(parents=True)
@@ -152,13 +155,38 @@ def test_buffer_errors_name_the_folder_the_file_and_the_field(tmp_path):
     buf = TrajectoryBuffer(tmp_path / "b")
     assert len(buf) == 2 and buf.num_epochs == 2 and buf.zca() is None
     assert buf.sample(torch.Generator().manual_seed(0)).layout == ParamLayout.from_module(net)
-    buf.check(ParamLayout.from_module(net), dataset="digits", zca=False)
+    layout = ParamLayout.from_module(net)
+    buf.check(layout, dataset="digits", zca=False)
+    # files written before experts recorded the input normalisation: a message of their own
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: was written before expert files recorded the "
+                                         r"input normalisation \(field 'mean'\), so it cannot be checked against this "
+                                         r"run's mean \[0\.3\] and std \[0\.4\]"):
+        buf.check(layout, mean=(0.3,), std=(0.4,))
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: field 'dsa_strategy' is not recorded"):
+        buf.check(layout, dsa_strategy="color_crop")
     with pytest.raises(ValueError, match=r"expert_0000\.safetensors.*'layout'"):
         buf.check(ParamLayout.from_module(tiny_net(width=6)))
     with pytest.raises(ValueError, match=r"expert_0000\.safetensors.*'dataset' is 'digits'.*'cifar10'"):
         buf.check(ParamLayout.from_module(net), dataset="cifar10")
     with pytest.raises(ValueError, match="'zca'"):
         buf.check(ParamLayout.from_module(net), zca=True)
+    # DSA strategy and input normalisation (MTT: the experts must have seen the images the student sees): one line
+    # naming the file, the field and both values
+    _write(expert_file(tmp_path / "n", 0), net, dsa_strategy="color_crop", mean=[0.3], std=[0.4])
+    recorded = TrajectoryBuffer(tmp_path / "n")
+    recorded.check(layout, dsa_strategy="color_crop", mean=(0.3,), std=(0.4 + 1e-9,))  # tuples, float round-off
+    with pytest.raises(ValueError, match=r"^\S*expert_0000\.safetensors: field 'dsa_strategy' is 'color_crop' in the "
+                                         r"expert file but 'color_crop_cutout' in this run; [^\n]*$"):
+        recorded.check(layout, dsa_strategy="color_crop_cutout")
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: field 'mean' is \[0\.3\] in the expert file but "
+                                         r"\[0\.25\] in this run"):
+        recorded.check(layout, mean=[0.25], std=[0.4])
+    with pytest.raises(ValueError, match=r"field 'std' is \[0\.4\] in the expert file but \[0\.4, 0\.4\] in this run"):
+        recorded.check(layout, mean=[0.3], std=[0.4, 0.4])
+    _write(expert_file(tmp_path / "plain", 0), net, dsa_strategy="none", mean=[0.3], std=[0.4])
+    TrajectoryBuffer(tmp_path / "plain").check(layout, dsa_strategy="")  # "none" and "" are both no augmentation
+    with pytest.raises(ValueError, match="'dsa_strategy' is 'none' in the expert file but 'color' in this run"):
+        TrajectoryBuffer(tmp_path / "plain").check(layout, dsa_strategy="color")
     (tmp_path / "b" / "expert_0002.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="expert_0002"):
         _ = TrajectoryBuffer(tmp_path / "b").num_epochs
@@ -225,6 +253,8 @@ def test_experts_train_save_and_resume(tmp_path, monkeypatch):
         assert not torch.equal(t.params[0], t.params[1]) and not torch.equal(t.params[1], t.params[2])
         assert t.metadata["expert"] == k and t.metadata["network"] == "convnet:D2-w4-instancenorm"
         assert t.metadata["lr"] == 0.02 and t.metadata["train_epochs"] == 2 and t.metadata["zca"] is False
+        # the input normalisation the experts saw, which distillation checks against its own
+        assert t.metadata["mean"] == list(cli.datamodule.mean) and t.metadata["std"] == list(cli.datamodule.std)
     assert not torch.equal(experts[0].params[0], experts[1].params[0])
     assert not torch.equal(experts[0].params[-1], experts[1].params[-1])
 
@@ -247,11 +277,24 @@ def test_experts_train_save_and_resume(tmp_path, monkeypatch):
         _fit(buffer_dir, tmp_path, "--data.init_args.drop_last=true")
     with pytest.raises(ValueError, match=r"expert_0000\.safetensors: exists with batch_size = 128, this run has 64"):
         _fit(buffer_dir, tmp_path, "--data.init_args.batch_size=64")
-    # a file written before drop_last was recorded (the loader then dropped the last batch) is refused by name
+    other = DigitsDataModule(image_size=8, channels=1, split_seed=1)  # another split: another normalisation
+    with pytest.raises(ValueError, match=re.escape(
+        f"expert_0000.safetensors: exists with mean = {experts[0].metadata['mean']!r}, "
+        f"this run has {list(other.mean)!r}"
+    )):
+        _fit(buffer_dir, tmp_path, "--data.init_args.split_seed=1")
+    # a file written before mean/std were recorded is refused by name, as one without drop_last
     old = load_trajectory(buffer_dir / "expert_0000.safetensors")
+    save_trajectory(buffer_dir / "expert_0000.safetensors", old.params, old.layout,
+                    {k: v for k, v in old.metadata.items() if k not in ("mean", "std")})
+    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: was trained before expert files recorded mean "
+                                         r"\(field 'mean'\), so its input normalisation cannot be compared"):
+        _fit(buffer_dir, tmp_path)
+    # a file written before drop_last was recorded (the loader then dropped the last batch) is refused by name
     metadata = {k: v for k, v in old.metadata.items() if k != "drop_last"}
     save_trajectory(buffer_dir / "expert_0000.safetensors", old.params, old.layout, metadata)
-    with pytest.raises(ValueError, match=r"expert_0000\.safetensors: was trained before expert files recorded drop_last"):
+    with pytest.raises(ValueError,
+                       match=r"expert_0000\.safetensors: was trained before expert files recorded drop_last"):
         _fit(buffer_dir, tmp_path)
 
 

@@ -8,7 +8,6 @@ import torch
 import yaml
 
 from zoo.cli import ZooCLI
-from zoo.data import DigitsDataModule
 from zoo.dataset_distillation import (
     AST,
     DATM,
@@ -24,36 +23,6 @@ from zoo.models import ConvNetModel
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs" / "dataset_distillation" / "digits"
 NETWORK = ConvNetModel(depth=2, width=32, image_size=8)
-
-
-def _train_experts(config: str, buffer: Path, root: Path) -> Path:
-    ZooCLI(
-        args=[
-            "fit", "--config", str(CONFIGS / config), "--model.init_args.num_experts=2",
-            "--model.init_args.train_epochs=4", "--trainer.max_epochs=8", f"--model.init_args.buffer_dir={buffer}",
-            *(["--model.init_args.lr_decay_epoch=2"] if "smooth" in config else []),
-            f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--summary.enabled=false",
-        ]
-    )
-    return buffer
-
-
-@pytest.fixture(scope="module")
-def buffers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("experts")
-    return {
-        "experts": _train_experts("experts.yaml", root / "experts", root),
-        "experts_smooth": _train_experts("experts_smooth.yaml", root / "experts_smooth", root),
-    }
-
-
-@pytest.fixture(scope="module")
-def real():
-    dm = DigitsDataModule(image_size=8, channels=1, augment=False)
-    dm.setup()
-    images = torch.stack([dm.train_set[i][0] for i in range(len(dm.train_set))])
-    labels = torch.tensor([int(dm.train_set[i][1]) for i in range(len(dm.train_set))])
-    return images, labels
 
 
 def make(cls, buffer: Path, real, **kwargs):
@@ -80,6 +49,20 @@ def test_loss_is_exactly_zero_when_the_student_lands_on_the_target(buffers, real
         module.syn_lr.zero_()
     target = trajectory.params[3]
     assert float(module.matching_loss(start, target, 1, trajectory)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_normalised_distance_is_distill_py_arithmetic(buffers, real):
+    """L = ‖w − τ[s+M]‖² / ‖τ[s] − τ[s+M]‖², computed as distill.py does in float32 (each sum of squares an
+    mse_loss(reduction="sum") over the number of parameters, then the ratio): the same inputs give the official
+    code's loss bit for bit (benchmarks/peers/mtt_official.py replays 50 official iterations to 0 difference)."""
+    module = make(MTT, buffers["experts"], real)
+    n = module.layout.num_params
+    w, start, target = torch.randn(3, n, generator=torch.Generator().manual_seed(0)).unbind()
+    mse = torch.nn.functional.mse_loss
+    assert torch.equal(module.normalised_distance(w, start, target),
+                       mse(w, target, reduction="sum") / n / (mse(start, target, reduction="sum") / n))
+    exact = ((w.double() - target.double()) ** 2).sum() / ((start.double() - target.double()) ** 2).sum()
+    assert float(module.normalised_distance(w, start, target)) == pytest.approx(float(exact), rel=1e-6)
 
 
 def test_gradients_reach_images_lr_and_soft_labels(buffers, real):
@@ -140,7 +123,7 @@ def test_tesla_against_the_unrolled_gradient(buffers, real, steps):
     for mode in ("unrolled", "tesla"):
         torch.manual_seed(0)
         module = make(MTT, buffers["experts"], real, syn_steps=steps, gradient=mode, seed=3)
-        module.manual_backward = lambda loss: loss.backward()
+        module.manual_backward = lambda loss, **kwargs: loss.backward(**kwargs)
         start, target, s, trajectory = module.sample_segment()
         if mode == "tesla":
             loss = module.tesla_backward(start, target, s)
@@ -160,6 +143,43 @@ def test_tesla_against_the_unrolled_gradient(buffers, real, steps):
     else:
         assert cosine > 0.99 and rel < 0.15 and rel_alpha < 0.05
         assert rel > 1e-6  # and it is an approximation: the dropped terms are not zero
+
+
+def _peak_bytes(fn) -> int:
+    """The most memory ``fn`` holds at once on top of what was live before it (the CPU allocator's events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_tesla_memory_is_flat_in_the_number_of_inner_steps(buffers, real):
+    """TESLA holds one step's graph at a time: from N = 2 to N = 10 inner steps its peak grows by the stored θᵢ only
+    (P floats per step), while the unrolled gradient keeps every step's activations."""
+    from zoo.dataset_distillation import DIGITS_DSA_STRATEGY
+
+    growth = {}
+    for mode in ("unrolled", "tesla"):
+        peaks = []
+        for steps in (2, 10):
+            module = make(MTT, buffers["experts"], real, ipc=2, syn_steps=steps, gradient=mode,
+                          dsa_strategy=DIGITS_DSA_STRATEGY)
+            module.manual_backward = lambda loss, **kwargs: loss.backward(**kwargs)
+            start, target, s, trajectory = module.sample_segment()
+            if mode == "tesla":
+                peaks.append(_peak_bytes(lambda: module.tesla_backward(start, target, s)))
+            else:
+                peaks.append(_peak_bytes(lambda: module.matching_loss(start, target, s, trajectory).backward()))
+        growth[mode] = (peaks[1] - peaks[0]) / 8
+    per_step = module.layout.num_params * 4  # one float32 parameter vector
+    print(f"growth per inner step: unrolled {growth['unrolled'] / 1024:.0f} KiB, tesla "
+          f"{growth['tesla'] / 1024:.0f} KiB, θ {per_step / 1024:.0f} KiB")
+    assert growth["tesla"] < 1.5 * per_step
+    assert growth["unrolled"] > 10 * per_step
 
 
 def test_a_buffer_too_short_for_the_window_fails_clearly(buffers, tmp_path, monkeypatch):
@@ -263,7 +283,7 @@ def test_distilled_set_trains_a_zoo_method(buffers, tmp_path, monkeypatch):
 
 
 def test_evaluation_trains_at_the_learned_lr_times_eval_lr_factor(buffers, real, monkeypatch):
-    import zoo.dataset_distillation.methods as methods
+    from zoo.dataset_distillation import methods
     from zoo.dataset_distillation.evaluate import EvalResult
 
     seen = {}
@@ -274,7 +294,7 @@ def test_evaluation_trains_at_the_learned_lr_times_eval_lr_factor(buffers, real,
 
     monkeypatch.setattr(methods, "evaluate_synthetic", fake_evaluate)
     module = make(AST, buffers["experts_smooth"], real, lr_teacher=0.002, eval_lr_factor=10.0, eval_nets=1)
-    module.real_test_batches = lambda: []
+    module.real_test_batches = list
     module.log_grid = lambda: None
     module.evaluate()
     assert seen["lr"] == pytest.approx(0.02)
@@ -355,7 +375,8 @@ def test_published_set_is_a_wandb_dataset_artifact(buffers, tmp_path, monkeypatc
 
 
 def test_evaluation_loop_follows_evaluate_synset(monkeypatch):
-    """MTT's loop: epochs + 1 passes; after pass epochs//2 + 1 the lr drops ×0.1 in a new optimizer (momentum restarts)."""
+    """MTT's loop: epochs + 1 passes; after pass epochs//2 + 1 the lr drops ×0.1 in a new optimizer (momentum
+    restarts)."""
     from zoo.dataset_distillation.evaluate import train_on_set
 
     seen = []
@@ -387,6 +408,29 @@ def test_every_distillation_config_has_an_experts_config_long_enough():
         assert experts[args["buffer_dir"]] >= needed, f"{folder}/{name} needs {needed} expert epochs"
 
 
+def test_every_distillation_config_preprocesses_as_its_experts():
+    """Setup refuses experts of another DSA strategy or input normalisation: each shipped distillation config uses
+    the DSA strategy and the data normalisation of the experts config that writes its buffer_dir."""
+    from zoo.dataset_distillation import DSA_STRATEGY
+
+    def preprocessing(raw: dict) -> tuple:
+        args, data = raw["model"]["init_args"], raw["data"]
+        keys = ("normalize", "mean", "std", "channels", "image_size", "split_seed")
+        return args.get("dsa_strategy", DSA_STRATEGY), data["class_path"], {k: data["init_args"].get(k) for k in keys}
+
+    experts, runs = {}, []
+    for path in sorted((ROOT / "configs" / "dataset_distillation").rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        args = raw.get("model", {}).get("init_args", {})
+        if "train_epochs" in args:
+            experts[args["buffer_dir"]] = preprocessing(raw)
+        elif "max_start_epoch" in args:
+            runs.append((f"{path.parent.name}/{path.name}", args["buffer_dir"], preprocessing(raw)))
+    assert len(runs) >= 20
+    for name, buffer, setting in runs:
+        assert setting == experts[buffer], f"{name} vs the experts of {buffer}"
+
+
 def test_distillation_warns_about_experts_that_dropped_the_last_batch(buffers, tmp_path, monkeypatch):
     """Experts made before drop_last was recorded (or with it true) still distil, with a warning naming them."""
     import shutil
@@ -402,9 +446,50 @@ def test_distillation_warns_about_experts_that_dropped_the_last_batch(buffers, t
     args = ["fit", "--config", str(CONFIGS / "mtt.yaml"), "--model.init_args.max_start_epoch=2",
             "--trainer.max_steps=1", "--model.init_args.eval_nets=1", "--model.init_args.eval_epochs=1",
             f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false", "--trainer.logger=false"]
-    with pytest.warns(UserWarning, match=r"MTT: 1 of the 2 experts in .*old_experts \(e\.g\. expert_0000\.safetensors\)"):
+    with pytest.warns(UserWarning,
+                      match=r"MTT: 1 of the 2 experts in .*old_experts \(e\.g\. expert_0000\.safetensors\)"):
         ZooCLI(args=[*args, f"--model.init_args.buffer_dir={old}"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ZooCLI(args=[*args, f"--model.init_args.buffer_dir={buffers['experts']}"])
     assert not [w for w in caught if "last partial batch" in str(w.message)]
+
+
+def _one_iteration(buffer: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(CONFIGS / "mtt.yaml"), f"--model.init_args.buffer_dir={buffer}",
+            "--model.init_args.max_start_epoch=2", "--trainer.max_steps=1", "--model.init_args.eval_nets=1",
+            "--model.init_args.eval_epochs=1", f"--trainer.default_root_dir={tmp_path}", "--summary.enabled=false",
+            "--trainer.logger=false", *extra]
+
+
+def test_experts_of_another_dsa_strategy_or_normalisation_are_refused_at_setup(buffers, tmp_path, monkeypatch):
+    """MTT (arXiv 2203.11932) matches trajectories only when the student sees the images the experts saw: a DSA
+    strategy or an input normalisation that differs from the experts' stops the run at setup, in one line naming the
+    file, the field and both values; a buffer from before mean/std were recorded gets its own message."""
+    import re
+    import shutil
+
+    from zoo.data import DigitsDataModule
+    from zoo.dataset_distillation.buffer import load_trajectory, save_trajectory
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=r"^\S*expert_0000\.safetensors: field 'dsa_strategy' is "
+                                         r"'color_crop_cutout_scale_rotate' in the expert file but 'color_crop' in "
+                                         r"this run; [^\n]*$"):
+        ZooCLI(args=_one_iteration(buffers["experts"], tmp_path, "--model.init_args.dsa_strategy=color_crop"))
+    expert_mean = TrajectoryBuffer(buffers["experts"]).headers[0].metadata["mean"]
+    other = DigitsDataModule(image_size=8, channels=1, split_seed=1)  # another split: another train mean and std
+    assert expert_mean != list(other.mean)
+    with pytest.raises(ValueError, match=re.escape(
+        f"expert_0000.safetensors: field 'mean' is {expert_mean!r} in the expert file but {list(other.mean)!r} in "
+        "this run"
+    )):
+        ZooCLI(args=_one_iteration(buffers["experts"], tmp_path, "--data.init_args.split_seed=1"))
+    old = tmp_path / "old_experts"
+    shutil.copytree(buffers["experts"], old)
+    first = load_trajectory(old / "expert_0001.safetensors")
+    save_trajectory(old / "expert_0001.safetensors", first.params, first.layout,
+                    {k: v for k, v in first.metadata.items() if k not in ("mean", "std")})
+    with pytest.raises(ValueError, match=r"expert_0001\.safetensors: was written before expert files recorded the "
+                                         r"input normalisation \(field 'mean'\)"):
+        ZooCLI(args=_one_iteration(old, tmp_path))

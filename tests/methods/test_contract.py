@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, TensorDataset
 
 import zoo.methods
+import zoo.models.clip as clip
 from zoo.methods import ClassificationMethod, DistillationMethod
 from zoo.models import CIFARModel, MAEEncoderModel, MAEModel, SMPModel, TimmModel
 
@@ -55,6 +56,18 @@ def classifier(cls_name: str, **kw):
 
 def vit(**kw) -> TimmModel:
     return TimmModel("vit_tiny_patch16_224", model_kwargs={"img_size": 32, "patch_size": 4, "depth": 2, **kw})
+
+
+def digit_domains(**kw) -> DataLoader:
+    from zoo.data.domainbed import DomainBedDataModule
+
+    dm = DomainBedDataModule(batch_size=4, **kw)
+    dm.setup("fit")
+    return dm.train_dataloader()
+
+
+def tiny_clip() -> clip.OpenCLIPModel:
+    return clip.OpenCLIPModel("ViT-B-16", model_cfg=clip.DIGITS_CLIP_CFG)
 
 
 def segmenter(cls_name: str, **kw):
@@ -91,6 +104,13 @@ RECIPES: dict[str, Callable[[], tuple[L.LightningModule, object]]] = {
         MAEModel("mae_vit_tiny_digits"), MAEEncoderModel("mae_vit_d128_patch4_dec64d4b", img_size=16, in_chans=1,
                                                          global_pool="token"),
         MAEModel("mae_vit_d128_patch4_dec64d4b", img_size=16, in_chans=1), num_classes=10, in_chans=1), images()),
+    "VL2VADiP": lambda: (zoo.methods.VL2VADiP(
+        clip.CLIPSpaceStudentModel(vit(img_size=16), embed_dim=32), tiny_clip(),
+        num_classes=10, in_chans=3, class_names=list(clip.DIGIT_NAMES)),
+        digit_domains()),
+    "CLIPContrastive": lambda: (zoo.methods.CLIPContrastive(
+        tiny_clip(), num_classes=10, in_chans=3, class_names=list(clip.DIGIT_NAMES)),
+        digit_domains(test_domains=[])),
     "FineTune": lambda: (zoo.methods.FineTune(MAEEncoderModel("mae_vit_tiny_digits", num_classes=10,
                                                               overrides=TINY_MAE), num_classes=10, in_chans=1,
                                               layer_decay=0.75), images()),

@@ -5,9 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ZooDataModule"]
+__all__ = ["ZooDataModule", "default_num_workers", "default_pin_memory"]
+
+
+def default_num_workers() -> int:
+    """DataLoader workers for one training process on this machine: Lightning's suggestion (the usable cores − 1,
+    ``suggested_max_num_workers``), at most 8; 0 where that suggestion is below 2 (a 1–2-core machine), where
+    Lightning does not ask for more and a worker process would only compete with training for the cores."""
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    n = min(8, suggested_max_num_workers(1))
+    return n if n >= 2 else 0
+
+
+def default_pin_memory() -> bool:
+    """Pin host memory only where there is a CUDA device to copy to (elsewhere PyTorch warns that it is unused)."""
+    return torch.cuda.is_available()
 
 
 class ZooDataModule(L.LightningDataModule):
@@ -25,8 +41,9 @@ class ZooDataModule(L.LightningDataModule):
     Args:
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
-        num_workers: DataLoader worker processes.
-        pin_memory: pin host memory (useful with a GPU).
+        num_workers: DataLoader worker processes; None: ``default_num_workers()`` (min(8, usable cores − 1), 0 on a
+            machine with 2 cores or fewer).
+        pin_memory: pin host memory; None: ``default_pin_memory()`` (true when CUDA is available).
         drop_last: the training loader drops its last partial batch (when the set holds more than one batch), as
             timm's training loader does. Trajectory experts set it false: the official MTT/DATM/AST ``buffer.py``
             keeps the partial batch (CIFAR at batch 256: 196 steps per epoch, not 195). With it false, a last batch
@@ -43,17 +60,19 @@ class ZooDataModule(L.LightningDataModule):
         self,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         drop_last: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"{type(self).__name__}.num_workers must be ≥ 0 or null (automatic), got {num_workers}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
         self.drop_last = drop_last
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,7 @@ from torch.utils.data import Dataset
 from zoo.data.base import ZooDataModule
 from zoo.data.transforms import PadCropFlip
 
-__all__ = ["DigitsDataModule", "TensorImageDataset", "load_digits_tensors"]
+__all__ = ["DigitsDataModule", "TensorImageDataset", "load_digits_tensors", "write_digits_imagefolder"]
 
 
 def load_digits_tensors(image_size: int = 8) -> tuple[Tensor, Tensor]:
@@ -81,6 +83,9 @@ class DigitsDataModule(ZooDataModule):
         imbalance_ratio: make the training split long-tailed: class c keeps n_max·ratio^(−c/(C−1)) of its images
             (class 0 all, class 9 a ratio-th), the CIFAR-100-LT profile; validation and test stay balanced.
     """
+
+    val_split = "val"
+    test_split = "test"
 
     def __init__(
         self,
@@ -184,3 +189,31 @@ class DigitsDataModule(ZooDataModule):
         self.train_set = self._dataset("train", train=True)
         self.val_set = self._dataset("val", train=False)
         self.test_set = self._dataset("test", train=False)
+
+
+def write_digits_imagefolder(
+    root: str | os.PathLike,
+    image_size: int = 28,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> Path:
+    """Writes the digits as an ImageFolder of grayscale PNGs, a real-format stand-in for MNIST that needs no download.
+
+    ``<root>/{train,val,test}/<digit>/<index>.png``: the splits of ``DigitsDataModule`` with the same fractions and
+    ``split_seed`` (so the same images land in each split), pixels in [0, 1] upsampled bilinearly to
+    ``image_size`` and stored as 8-bit ``"L"`` PNGs. Existing files are overwritten. Returns ``root``.
+    """
+    from PIL import Image
+
+    splits = DigitsDataModule(
+        image_size=image_size, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed
+    )._split()
+    root = Path(root)
+    for split, (images, labels) in splits.items():
+        pixels = (images[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+        for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image, mode="L").save(folder / f"{i:04d}.png")
+    return root

@@ -202,12 +202,21 @@ class SegmentationDataset(Dataset):
     """``(image, mask)`` pairs read from files with PIL and passed through a joint transform.
 
     Images are converted to RGB. Masks are read as single-channel index images (a palette PNG gives its indices,
-    not its colours), mapped through the sample's ``label_table`` and must match the image size.
+    not its colours), mapped through the sample's ``label_table`` and must match the image size. With
+    ``num_classes``, a mask holding a value outside ``[0, num_classes)`` other than ``ignore_index`` is refused,
+    naming the file.
     """
 
-    def __init__(self, samples: Sequence[SegmentationSample], transform) -> None:
+    def __init__(
+        self,
+        samples: Sequence[SegmentationSample],
+        transform,
+        num_classes: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.num_classes, self.ignore_index = num_classes, ignore_index
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -233,6 +242,13 @@ class SegmentationDataset(Dataset):
                 labels = labels.astype(np.uint8)
             if sample.label_table is not None:
                 labels = sample.label_table[labels]
+            if self.num_classes is not None:
+                bad = (labels >= self.num_classes) & (labels != self.ignore_index)
+                if bad.any():
+                    raise ValueError(
+                        f"{sample.mask}: label value {int(labels[bad][0])} is not a class (0..{self.num_classes - 1}) "
+                        f"nor ignore_index {self.ignore_index}"
+                    )
             if labels.shape != tuple(image.shape[1:]):
                 raise ValueError(
                     f"{sample.mask}: label image is {labels.shape[1]}×{labels.shape[0]} but {sample.image} is "
@@ -275,8 +291,8 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
         root: str,
         batch_size: int = 8,
         eval_batch_size: int = 1,
-        num_workers: int = 4,
-        pin_memory: bool = True,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         drop_last: bool = True,
         crop_size: int | tuple[int, int] = 512,
         scale_range: tuple[float, float] = (0.5, 2.0),
@@ -297,6 +313,7 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
         self.labelled_list = labelled_list
         self.unlabelled_list = unlabelled_list
         self.semi_supervised = semi_supervised
+        self._locate()  # a missing data set fails here, before any model is built for it
 
     @property
     def name(self) -> str:
@@ -360,12 +377,13 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
                 train = self._read_list(base, self.labelled_list, labelled=True, field="labelled_list")
             else:
                 train = self._split(base, "train")
-            self.train_set = SegmentationDataset(train, self.train_transform)
+            self.train_set = SegmentationDataset(train, self.train_transform, self.num_classes, self.ignore_index)
             self.unlabelled_set = None
             if self.unlabelled_list is not None:
                 unlabelled = self._read_list(base, self.unlabelled_list, labelled=False, field="unlabelled_list")
                 self.unlabelled_set = SegmentationDataset(unlabelled, self.train_transform)
-        self.val_set = SegmentationDataset(self._split(base, "val"), self.eval_transform)
+        self.val_set = SegmentationDataset(self._split(base, "val"), self.eval_transform, self.num_classes,
+                                           self.ignore_index)
         self.test_set = self.val_set
 
 

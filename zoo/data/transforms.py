@@ -1,17 +1,26 @@
 """Data transforms: the replayable training augmentations (``PadCropFlip``, ``ResizedCropFlip``) that cached soft
-labels store and replay, and LAD's label channel (``LabelNoiser``)."""
+labels store and replay, the classification modules' training augmentation in timm's option names
+(``ClassificationAugmentation``) and LAD's label channel (``LabelNoiser``)."""
 
 from __future__ import annotations
 
 import abc
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LabelNoiser", "PadCropFlip", "ReplayAugment", "ResizedCropFlip"]
+__all__ = [
+    "AUGMENTATION_PRESETS",
+    "ClassificationAugmentation",
+    "LabelNoiser",
+    "PadCropFlip",
+    "ReplayAugment",
+    "ResizedCropFlip",
+    "eval_resize_size",
+]
 
 
 class ReplayAugment(abc.ABC):
@@ -78,15 +87,22 @@ class ResizedCropFlip(ReplayAugment):
     Parameters: the crop box relative to the image, (top, left, height, width) in [0, 1], and flip. The box is
     drawn with torchvision's rule (10 tries of area ∈ scale·A and log-uniform aspect ratio, then a centre crop)
     from a unit square, so one draw replays on images of any size; ``apply`` takes a PIL image or a tensor and
-    returns a ``size``×``size`` crop (then the data module's ToTensor/normalisation follow).
+    returns a ``size``×``size`` crop resized with ``interpolation`` (then the data module's ToTensor/normalisation
+    follow). ``flip=False`` never flips (the flip parameter is then always 0).
     """
 
     num_params = 5
 
     def __init__(
-        self, size: int, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+        interpolation: str = "bilinear",
     ) -> None:
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.flip, self.interpolation = bool(flip), str(interpolation)
 
     def _box(self, g: torch.Generator) -> tuple[float, float, float, float]:
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
@@ -103,20 +119,240 @@ class ResizedCropFlip(ReplayAugment):
         return (1 - h) / 2, (1 - w) / 2, h, w
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        rows = [[*self._box(generator), float(torch.randint(0, 2, (1,), generator=generator))] for _ in range(n)]
+        rows = []
+        for _ in range(n):
+            box = self._box(generator)
+            flip = float(torch.randint(0, 2, (1,), generator=generator)) if self.flip else 0.0
+            rows.append([*box, flip])
         return torch.tensor(rows, dtype=torch.float32)
 
     def apply(self, image: Any, params: Tensor) -> Any:
         import torchvision.transforms.v2.functional as TF
+        from timm.data.transforms import str_to_interp_mode
 
         top, left, h, w, flip = params.tolist()
         width, height = TF.get_size(image)[::-1]
         box = (round(top * height), round(left * width), max(1, round(h * height)), max(1, round(w * width)))
-        out = TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
+        mode = str_to_interp_mode(self.interpolation)
+        out = TF.resized_crop(image, *box, [self.size, self.size], interpolation=mode, antialias=True)
         return TF.horizontal_flip(out) if flip >= 0.5 else out
 
     def spec(self) -> dict[str, Any]:
-        return {"name": "resized_crop_flip", "size": self.size, "scale": list(self.scale), "ratio": list(self.ratio)}
+        spec = {"name": "resized_crop_flip", "size": self.size, "scale": list(self.scale), "ratio": list(self.ratio)}
+        # Only non-default values enter the fingerprint, so caches built before these options existed stay valid.
+        if not self.flip:
+            spec["flip"] = False
+        if self.interpolation != "bilinear":
+            spec["interpolation"] = self.interpolation
+        return spec
+
+
+AUGMENTATION_PRESETS = ("imagenet", "simple", "none")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+# timm's eval crop fraction (timm.data.constants.DEFAULT_CROP_PCT): 224 of 256.
+IMAGENET_CROP_PCT = 0.875
+
+
+def eval_resize_size(image_size: int, crop_pct: float) -> int:
+    """timm's evaluation resize (``transforms_imagenet_eval``): the shorter side goes to ⌊image_size / crop_pct⌋,
+    then the centre ``image_size`` crop is taken (224 at 0.875 → 256; 28 at 0.875 → 32; any size at 1 → itself)."""
+    return math.floor(image_size / crop_pct)
+
+
+class ClassificationAugmentation:
+    """The training augmentation of the image classification data modules, with timm's option names.
+
+    Presets (``preset``):
+
+    - ``imagenet``: timm's ImageNet training transform (``timm.data.create_transform(is_training=True)``):
+      RandomResizedCrop(``scale``, ``ratio``, ``interpolation``), horizontal flip with probability ``hflip``
+      (default 0.5), vertical flip ``vflip``, then ``auto_augment`` or ``color_jitter``, ToTensor, normalisation
+      and random erasing with probability ``re_prob``. Defaults scale (0.08, 1) and ratio (3/4, 4/3): torchvision's
+      RandomResizedCrop + flip, the torchvision/timm ImageNet recipe.
+    - ``simple``: for small images whose orientation carries meaning (digits, characters, CIFAR): the image is
+      resized (shorter side) and centre-cropped to ``image_size`` (nothing happens when it already has that size),
+      zero-padded by ``pad`` pixels and cropped back at a random offset (CIFAR's ``RandomCrop(32, padding=4)``),
+      flipped only when ``hflip``/``vflip`` say so (default: never), then timm's colour stage, normalisation and
+      random erasing as above.
+    - ``none``: timm's no-augmentation training transform (``transforms_noaug_train``): resize and centre crop
+      only; the random options must stay unset.
+
+    Options that do not apply to the preset (``scale``/``ratio`` outside ``imagenet``, ``pad`` outside ``simple``,
+    any random option with ``none``) are refused, naming the option. The stages come from timm's
+    ``transforms_imagenet_train(separate=True)``; ``simple``/``none`` replace its resized crop with timm's no-aug
+    resize + centre crop and, for ``simple``, torchvision's ``RandomCrop(padding=pad)`` and the flips. Colour
+    jitter is off by default (timm's factory default is 0.4); as in timm it is skipped when ``auto_augment`` is set
+    (unless the policy contains ``3a``).
+
+    Cached soft labels (``zoo.soft_labels``) replay ``imagenet`` (as :class:`ResizedCropFlip`) and ``simple``
+    (as :class:`PadCropFlip`) with ``hflip`` 0 or 0.5; ``replay_blocker()`` names the first option that rules the
+    cache out (``auto_augment``, ``color_jitter``, ``re_prob``, ``vflip``, another ``hflip``).
+
+    Args:
+        preset: ``imagenet`` | ``simple`` | ``none``.
+        scale, ratio: RandomResizedCrop area and aspect-ratio ranges (``imagenet`` only; timm's defaults).
+        hflip: horizontal flip probability (default 0.5 for ``imagenet``, 0 for ``simple``).
+        vflip: vertical flip probability.
+        color_jitter: brightness/contrast/saturation factor (one number) or 3–4 factors (with hue); None: off.
+        auto_augment: a timm policy string (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w3``, ``original``, ``v0``, ...).
+        re_prob: random-erasing probability (timm's ``RandomErasing``, constant mode).
+        interpolation: resize interpolation (timm's names).
+        pad: padding of the ``simple`` pad-crop in pixels (default: ``image_size / 8`` rounded, at least 1).
+        owner: names the data module in error messages.
+    """
+
+    def __init__(
+        self,
+        preset: Literal["imagenet", "simple", "none"] = "imagenet",
+        *,
+        scale: Sequence[float] | None = None,
+        ratio: Sequence[float] | None = None,
+        hflip: float | None = None,
+        vflip: float = 0.0,
+        color_jitter: float | Sequence[float] | None = None,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        interpolation: str = "bilinear",
+        pad: int | None = None,
+        owner: str = "data",
+    ) -> None:
+        if preset not in AUGMENTATION_PRESETS:
+            raise ValueError(f"{owner}.augmentation must be one of {', '.join(AUGMENTATION_PRESETS)}; got {preset!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"{owner}.interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
+        only = {"scale": ("imagenet", scale), "ratio": ("imagenet", ratio), "pad": ("simple", pad)}
+        for name, (wanted, value) in only.items():
+            if value is not None and preset != wanted:
+                raise ValueError(f"{owner}.{name} applies to augmentation: {wanted} only; this one is {preset}")
+        if color_jitter is not None and not isinstance(color_jitter, (int, float)):
+            color_jitter = tuple(float(v) for v in color_jitter)
+            if len(color_jitter) not in (3, 4):
+                raise ValueError(f"{owner}.color_jitter takes one factor or 3–4 (with hue); got {list(color_jitter)}")
+        if color_jitter is not None and not any(color_jitter if isinstance(color_jitter, tuple) else [color_jitter]):
+            color_jitter = None  # all-zero factors: no jitter at all
+        if preset == "none":
+            for name, value in (("hflip", hflip), ("vflip", vflip), ("color_jitter", color_jitter),
+                                ("auto_augment", auto_augment), ("re_prob", re_prob)):
+                if value:
+                    raise ValueError(
+                        f"{owner}.{name}={value!r} asks for random augmentation; augmentation: none has none"
+                    )
+        hflip = (0.5 if preset == "imagenet" else 0.0) if hflip is None else float(hflip)
+        for name, p in (("hflip", hflip), ("vflip", vflip), ("re_prob", re_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{owner}.{name} is a probability in [0, 1]; got {p}")
+        if scale is not None:
+            scale = tuple(float(v) for v in scale)
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ValueError(f"{owner}.scale must be [min, max] with 0 < min ≤ max ≤ 1; got {list(scale)}")
+        if ratio is not None:
+            ratio = tuple(float(v) for v in ratio)
+            if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+                raise ValueError(f"{owner}.ratio must be [min, max] with 0 < min ≤ max; got {list(ratio)}")
+        if pad is not None and pad < 0:
+            raise ValueError(f"{owner}.pad must be ≥ 0; got {pad}")
+        self.preset, self.owner = preset, owner
+        self.scale = scale or (0.08, 1.0)
+        self.ratio = ratio or (3 / 4, 4 / 3)
+        self.hflip, self.vflip, self.re_prob = hflip, float(vflip), float(re_prob)
+        self.color_jitter, self.auto_augment = color_jitter, auto_augment or None
+        self.interpolation, self.pad = interpolation, pad
+
+    def _timm_stages(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Any, Any, Any]:
+        """timm's three training stages (crop + flips, colour / auto-augment, ToTensor + normalise + erasing)."""
+        from timm.data.transforms_factory import transforms_imagenet_train
+
+        try:
+            return transforms_imagenet_train(
+                image_size, scale=self.scale, ratio=self.ratio, hflip=self.hflip, vflip=self.vflip,
+                color_jitter=self.color_jitter, auto_augment=self.auto_augment, interpolation=self.interpolation,
+                mean=tuple(mean), std=tuple(std), re_prob=self.re_prob, separate=True,
+            )
+        except AssertionError as err:  # timm asserts on an unknown auto-augment policy
+            raise ValueError(
+                f"{self.owner}.auto_augment={self.auto_augment!r} is not a timm policy ({err}); e.g. "
+                "rand-m9-mstd0.5-inc1, augmix-m5-w3, original, v0"
+            ) from err
+
+    def train_transform(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        fit: bool = True,
+        normalize: bool = True,
+        pad_fill: int = 0,
+    ) -> Any:
+        """The training transform from a PIL image to a normalised tensor.
+
+        ``fit`` first resizes and centre-crops to ``image_size`` for ``simple``/``none`` (data modules whose images
+        already have that size, such as CIFAR, pass False); ``normalize`` False gives [0, 1] tensors without the
+        normalisation (random erasing still applies). ``pad_fill`` is the pad value of ``simple`` (0: black).
+        """
+        import torchvision.transforms as T
+        from timm.data.random_erasing import RandomErasing
+        from timm.data.transforms import MaybeToTensor, str_to_interp_mode
+
+        primary, secondary, final = self._timm_stages(image_size, mean, std)
+        if self.preset == "imagenet":
+            stages = list(primary.transforms)
+        else:  # timm's no-aug fitting (transforms_noaug_train), then the pad-crop and flips of ``simple``
+            fitting = [T.Resize(image_size, interpolation=str_to_interp_mode(self.interpolation)),
+                       T.CenterCrop(image_size)] if fit else []
+            pad = self.pad_for(image_size)
+            stages = [*fitting, *([T.RandomCrop(image_size, padding=pad, fill=pad_fill)] if pad else [])]
+            stages += [T.RandomHorizontalFlip(p=self.hflip)] if self.hflip > 0 else []
+            stages += [T.RandomVerticalFlip(p=self.vflip)] if self.vflip > 0 else []
+        if normalize:
+            tail = list(final.transforms)
+        else:
+            tail = [MaybeToTensor(), *([RandomErasing(self.re_prob, device="cpu")] if self.re_prob > 0 else [])]
+        return T.Compose([*stages, *secondary.transforms, *tail])
+
+    def pad_for(self, image_size: int) -> int:
+        """The pad-crop padding: ``pad``, by default an eighth of the side (CIFAR's 4 at 32 px, 4 at 28 px), at
+        least 1; 0 outside ``simple``."""
+        if self.preset != "simple":
+            return 0
+        return self.pad if self.pad is not None else max(1, round(image_size / 8))
+
+    def replay_blocker(self) -> str | None:
+        """The first option that cached soft labels cannot replay, as ``name=value``; None when replayable."""
+        if self.auto_augment:
+            return f"auto_augment={self.auto_augment!r}"
+        if self.color_jitter is not None:
+            value = list(self.color_jitter) if isinstance(self.color_jitter, tuple) else self.color_jitter
+            return f"color_jitter={value}"
+        if self.re_prob > 0:
+            return f"re_prob={self.re_prob}"
+        if self.vflip > 0:
+            return f"vflip={self.vflip}"
+        if self.hflip not in (0.0, 0.5):
+            return f"hflip={self.hflip}"
+        return None
+
+    def replay_augment(self, image_size: int, fill: Sequence[float] | float = 0.0) -> ReplayAugment:
+        """This augmentation as a :class:`ReplayAugment`: ``ResizedCropFlip`` (``imagenet``, applied to the PIL
+        image) or ``PadCropFlip`` (``simple``/``none``, applied to the fitted, normalised tensor with ``fill`` =
+        −mean/std per channel: the black border of the PIL pad-crop). Raises when ``replay_blocker()`` names one."""
+        blocker = self.replay_blocker()
+        if blocker is not None:
+            raise ValueError(
+                f"{self.owner}: cached soft labels cannot replay {blocker}; they replay the resized crop "
+                "(augmentation: imagenet) or the pad-crop (simple) with hflip 0 or 0.5 only: drop that option "
+                "or model.init_args.soft_labels"
+            )
+        if self.preset == "imagenet":
+            return ResizedCropFlip(image_size, self.scale, self.ratio, flip=self.hflip > 0,
+                                   interpolation=self.interpolation)
+        return PadCropFlip(self.pad_for(image_size), flip=self.hflip > 0, fill=fill)
+
+    def __repr__(self) -> str:
+        options = {"scale": self.scale, "ratio": self.ratio} if self.preset == "imagenet" else {"pad": self.pad}
+        options.update(hflip=self.hflip, vflip=self.vflip, color_jitter=self.color_jitter,
+                       auto_augment=self.auto_augment, re_prob=self.re_prob, interpolation=self.interpolation)
+        return f"ClassificationAugmentation({self.preset!r}, {', '.join(f'{k}={v!r}' for k, v in options.items())})"
 
 
 class LabelNoiser(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +11,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zoo.io import atomic_path
 
 __all__ = [
     "DIGITS_DSA_STRATEGY",
@@ -193,11 +194,14 @@ class DiffAugment(nn.Module):
     the synthetic pixels be learned through the augmentation. Defaults come from ``ParamDiffAug`` in
     VICO-UoE/DatasetCondensation ``utils.py``, identical in mtt-distillation and DATM.
 
-    Randomness: trajectory matching passes no seed, so every inner step draws fresh per-sample parameters; that is
-    a plain ``aug(x)``. ``generator`` makes a call reproducible (per-sample parameters from that generator).
-    ``seed`` is DSA's Siamese mode for gradient/distribution matching: one parameter set for the whole batch, drawn
-    from a fresh generator seeded with ``seed``, so ``aug(real, seed=k)`` and ``aug(syn, seed=k)`` receive the
-    same family and the same parameters even when the batch sizes differ.
+    Randomness: a plain ``aug(x)`` draws fresh per-sample parameters from the global RNG, in the order and amounts
+    of the official ``DiffAugment`` on a CPU batch and with its float32 arithmetic: the same RNG state gives the
+    same augmented batch bit for bit (``benchmarks/peers/mtt_official.py`` compares the two). ``generator`` draws
+    them from that generator instead (per sample); trajectory matching passes one seeded from its own generator in
+    every inner step, so a checkpoint carries the stream. ``seed`` is DSA's Siamese mode for gradient/distribution
+    matching: one parameter set for the whole batch, drawn from a fresh generator seeded with ``seed``, so
+    ``aug(real, seed=k)`` and ``aug(syn, seed=k)`` receive the same family and the same parameters even when the
+    batch sizes differ.
 
     Example:
         >>> aug = DiffAugment(DSA_STRATEGY)
@@ -281,7 +285,8 @@ class DiffAugment(nn.Module):
             sy = rng.uniform() * (p.scale - lo) + lo
             return scale(x, sx, sy, p.align_corners)
         if family == "rotate":
-            angle = (rng.uniform() - 0.5) * (2.0 * math.radians(p.rotate))
+            # the official rand_rotate's float32 arithmetic, step by step, so the same draw gives the same angle
+            angle = (rng.uniform() - 0.5) * 2 * p.rotate / 180 * math.pi
             return rotate(x, angle, p.align_corners)
         raise AssertionError(family)  # the constructor validated the names
 
@@ -386,22 +391,15 @@ class ZCAWhitening(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the fitted transform to a safetensors file (atomically: a temp file beside it, then a rename)."""
+        """Writes the fitted transform to a safetensors file atomically (``zoo.io.atomic_path``)."""
         from safetensors.torch import save_file
 
         if not self.fitted:
             raise RuntimeError("ZCAWhitening.save called before fit")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"eps": repr(self.eps), "unbiased": str(self.unbiased)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"eps": repr(self.eps), "unbiased": str(self.unbiased)})
         return path
 
     @classmethod

@@ -8,7 +8,8 @@ File format (``expert_{k:04d}.safetensors``, no pickles):
   :meth:`ParamLayout.to_metadata`: names and shapes), and every entry of the metadata dict given to
   :func:`save_trajectory`, JSON-encoded. :class:`~zoo.dataset_distillation.experts.ExpertTraining` records
   ``network`` (e.g. ``convnet:D3-w128-instancenorm``), ``network_config``, ``dataset``, ``zca``, ``dsa_strategy``,
-  the training hyper-parameters, ``seed`` and ``expert``.
+  ``mean`` and ``std`` (the data module's input normalisation), the training hyper-parameters, ``seed`` and
+  ``expert``.
 
 A buffer folder holds the expert files and, when the experts were trained on ZCA-whitened images, the fitted
 transform as ``zca.safetensors`` (``ZCAWhitening.save``), so distillation whitens its real images the same way.
@@ -18,8 +19,9 @@ MTT's ``replay_buffer_{k}.pt`` pickles (10 experts × lists of tensors) are not 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from zoo.dataset_distillation.functional import ParamLayout
+from zoo.io import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -40,12 +43,31 @@ __all__ = [
     "expert_file",
     "load_trajectory",
     "read_header",
+    "same_dsa_strategy",
+    "same_normalisation",
     "save_trajectory",
 ]
 
 FORMAT = "distill-zoo/expert-trajectory/1"
 ZCA_FILE = "zca.safetensors"
 _RESERVED = ("format", "layout")
+
+
+def same_dsa_strategy(a: str | None, b: str | None) -> bool:
+    """Whether two DSA strategy strings name the same augmentation (``""``, ``"none"`` and ``"None"`` are all none)."""
+
+    def canonical(s: str | None) -> str | None:
+        return "" if isinstance(s, str) and s.lower() in ("", "none") else s
+
+    return canonical(a) == canonical(b)
+
+
+def same_normalisation(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
+    """Whether two per-channel mean (or std) vectors agree to float32 round-off (relative 1e-6)."""
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
 
 
 def expert_file(buffer_dir: str | os.PathLike, k: int) -> Path:
@@ -119,7 +141,7 @@ class Trajectory:
 def save_trajectory(
     path: str | os.PathLike, trajectory: Tensor, layout: ParamLayout, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Writes an (E + 1, P) trajectory atomically: a temporary file beside ``path``, then ``os.replace``.
+    """Writes an (E + 1, P) trajectory atomically (``zoo.io.atomic_path``).
 
     A crash or error leaves either the previous file or none, never a half-written one under the final name.
     ``metadata`` values must be JSON-able; the keys ``format`` and ``layout`` are reserved.
@@ -137,15 +159,8 @@ def save_trajectory(
     header = {"format": FORMAT, "layout": json.dumps(layout.to_metadata())}
     header.update({str(k): json.dumps(v) for k, v in metadata.items()})
     tensor = trajectory.detach().to("cpu", torch.float32).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"trajectory": tensor}, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({"trajectory": tensor}, str(tmp), metadata=header)
     return path
 
 
@@ -194,6 +209,11 @@ def load_trajectory(path: str | os.PathLike, device: str | torch.device = "cpu")
     with safe_open(str(header.path), framework="pt", device=str(device)) as f:
         params = f.get_tensor("trajectory")
     return Trajectory(params, header.layout, header.metadata, header.path)
+
+
+def _show(value: Any) -> str:
+    """A field value for error messages: sequences as lists (JSON gives lists, data modules tuples)."""
+    return repr(list(value)) if isinstance(value, (list, tuple)) else repr(value)
 
 
 def _set_name(buffer_dir: Path) -> str:
@@ -250,7 +270,8 @@ class TrajectoryBuffer:
             raise IndexError(f"TrajectoryBuffer: expert {i} out of range (the buffer holds {len(self)})")
         if lazy:
             header = self.headers[i]
-            return Trajectory(LazyParams(header.path, header.shape, device), header.layout, header.metadata, header.path)
+            params = LazyParams(header.path, header.shape, device)
+            return Trajectory(params, header.layout, header.metadata, header.path)
         if i in self._loaded:
             return self._loaded[i]
         trajectory = load_trajectory(self.files[i], device=device)
@@ -268,12 +289,17 @@ class TrajectoryBuffer:
         dataset: str | None = None,
         zca: bool | None = None,
         dsa_strategy: str | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         """Refuses experts recorded for another network layout, data set or preprocessing (``None``: not checked).
 
-        The error names the file and the field that differs.
+        Preprocessing is ZCA, the DSA strategy and the input normalisation (per-channel ``mean`` and ``std``): MTT
+        (arXiv 2203.11932) matches a student to an expert only when both saw the same images, so a mismatch is refused
+        with one line naming the file, the field and both values. A file written before experts recorded ``mean``
+        and ``std`` cannot be checked and is refused with its own message.
         """
-        expected = {"dataset": dataset, "zca": zca, "dsa_strategy": dsa_strategy}
+        where = _set_name(self.buffer_dir)
         for header in self.headers:
             diff = header.layout.difference(layout)
             if diff is not None:
@@ -282,19 +308,40 @@ class TrajectoryBuffer:
                     f"network is {header.metadata.get('network', 'unrecorded')}); train experts for this network or "
                     "point buffer_dir at matching ones"
                 )
-            for key, want in expected.items():
+            meta = header.metadata
+            if mean is not None or std is not None:
+                unrecorded = [k for k, want in (("mean", mean), ("std", std)) if want is not None and k not in meta]
+                if unrecorded:
+                    raise ValueError(
+                        f"{header.path}: was written before expert files recorded the input normalisation (field "
+                        f"{unrecorded[0]!r}), so it cannot be checked against this run's mean {_show(mean)} and std "
+                        f"{_show(std)}; retrain the experts into a new buffer_dir (zoo fit --config "
+                        f"configs/dataset_distillation/{where}/experts.yaml)"
+                    )
+            checks = (
+                ("dataset", dataset, lambda a, b: a == b),
+                ("zca", zca, lambda a, b: a == b),
+                ("dsa_strategy", dsa_strategy, same_dsa_strategy),
+                ("mean", mean, same_normalisation),
+                ("std", std, same_normalisation),
+            )
+            for key, want, same in checks:
                 if want is None:
                     continue
-                got = header.metadata.get(key)
-                if got != want:
+                got = meta.get(key)
+                if key not in meta or not same(got, want):
+                    recorded = f"is {_show(got)}" if key in meta else "is not recorded"
                     raise ValueError(
-                        f"{header.path}: field {key!r} is {got!r} but {want!r} was expected; these experts were "
-                        "trained on other data or preprocessing"
+                        f"{header.path}: field {key!r} {recorded} in the expert file but {_show(want)} in this run; "
+                        "experts and distillation must see the same data, DSA strategy and input normalisation (train "
+                        "experts with this run's settings, or point buffer_dir at matching ones)"
                     )
         zca_file = self.buffer_dir / ZCA_FILE
         with_zca = [h.path.name for h in self.headers if h.metadata.get("zca")]
         if with_zca and not zca_file.is_file():
-            raise ValueError(f"{self.buffer_dir}: experts {with_zca[:3]} were trained with ZCA but {ZCA_FILE} is missing")
+            raise ValueError(
+                f"{self.buffer_dir}: experts {with_zca[:3]} were trained with ZCA but {ZCA_FILE} is missing"
+            )
         if zca_file.is_file() and len(with_zca) < len(self):
             plain = [h.path.name for h in self.headers if not h.metadata.get("zca")]
             raise ValueError(f"{self.buffer_dir}: holds {ZCA_FILE} but experts {plain[:3]} were trained without ZCA")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from zoo.data.base import ZooDataModule
+from zoo.io import atomic_path
 
 __all__ = ["FORMAT", "DistilledDataModule", "load_distilled", "save_distilled"]
 
@@ -36,7 +36,6 @@ def save_distilled(
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         "images": images.detach().float().cpu().contiguous(),
         "labels": labels.detach().cpu().contiguous(),
@@ -46,14 +45,8 @@ def save_distilled(
         for key, value in zca.state_dict().items():
             tensors[f"zca_{key}"] = value.detach().cpu().contiguous()
     meta = {"format": FORMAT, "metadata": json.dumps(metadata, default=str)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -90,7 +83,7 @@ def load_distilled(path: str | os.PathLike, field: str | None = None) -> dict[st
             meta = f.metadata() or {}
             ours = meta.get("format") == FORMAT
             tensors = {k: f.get_tensor(k) for k in f.keys()} if ours else {}  # noqa: SIM118 - safe_open has no items()
-    except Exception as err:  # noqa: BLE001 - safetensors' own error types: a file that is not safetensors at all
+    except Exception as err:
         raise ValueError(f"{where}{path}: not a distilled set (unreadable as safetensors: {err})") from err
     if not ours:
         raise ValueError(f"{where}{path}: not a distilled set (format {meta.get('format')!r}, expected {FORMAT!r})")
@@ -197,7 +190,8 @@ class DistilledDataModule(ZooDataModule):
             labels = labels.argmax(-1)
         images = self.artifact["images"]
         if self.repeat > 1:
-            images, labels = images.repeat(self.repeat, 1, 1, 1), labels.repeat(self.repeat, *([1] * (labels.dim() - 1)))
+            images = images.repeat(self.repeat, 1, 1, 1)
+            labels = labels.repeat(self.repeat, *([1] * (labels.dim() - 1)))
         self.train_set = _TensorPairs(images, labels)
         if self.real is not None:
             self.real.setup(stage)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.progress import progress
+
 __all__ = ["EvalResult", "evaluate_synthetic", "soft_cross_entropy", "test_accuracy", "train_on_set"]
 
 
@@ -68,7 +70,9 @@ def train_on_set(
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | None = None) -> float:
+def test_accuracy(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | None = None
+) -> float:
     """Top-1 accuracy of ``model`` over (x, y) batches."""
     model.eval()
     correct = total = 0
@@ -114,7 +118,7 @@ def evaluate_synthetic(
     accs = []
     state = torch.random.get_rng_state()
     try:
-        for i in range(num_nets):
+        for i in progress(range(num_nets), "evaluation networks"):
             torch.manual_seed(seed + i)
             model = build().to(images.device)
             generator = torch.Generator().manual_seed(seed + i)

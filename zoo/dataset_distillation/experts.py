@@ -6,7 +6,9 @@ parameters are saved before training (τ[0]) and after every epoch (τ[e]). AST 
 ``buffer.py`` / ``utils.epoch_gp``) trains smoother experts with two extra terms, both optional here:
 
     loss = λ_e · CE(f(DSA(x)), y) + GP(x),   λ_e = 0.5 + 0.05·e for epochs e < 10, else 1   (``loss_decay``)
-    GP(x) = 2 · mean_{b,h,w} (‖∂(Σ_{b,k} f_k(x_b)) / ∂x_{b,:,h,w}‖₂ − 1)²   on the un-augmented batch (``gradient_penalty``)
+    GP(x) = 2 · mean_{b,h,w} (‖∂(Σ_{b,k} f_k(x_b)) / ∂x_{b,:,h,w}‖₂ − 1)²   (``gradient_penalty``)
+
+with GP taken on the un-augmented batch.
 
 Example (writes ``runs/dataset_distillation/digits/experts/expert_0000.safetensors`` ...)::
 
@@ -31,6 +33,7 @@ from zoo.dataset_distillation.buffer import (
     ZCA_FILE,
     expert_file,
     read_header,
+    same_normalisation,
     save_trajectory,
 )
 from zoo.dataset_distillation.functional import ParamLayout, check_functional
@@ -54,7 +57,15 @@ _MATCH_FIELDS = (
     "gradient_penalty",
     "batch_size",
     "drop_last",
+    "mean",
+    "std",
 )
+# Fields that older expert files do not record: such a file is refused with a message of its own.
+_LATER_FIELDS = {
+    "drop_last": "with each epoch's last partial batch dropped",
+    "mean": "so its input normalisation cannot be compared",
+    "std": "so its input normalisation cannot be compared",
+}
 
 
 def loss_decay_weight(epoch: int) -> float:
@@ -83,7 +94,8 @@ def training_images(datamodule: Any, batch_size: int = 512) -> Tensor:
     images = getattr(dataset, "images", None)
     if isinstance(images, Tensor):
         return images
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=getattr(datamodule, "num_workers", 0))
+    workers = getattr(datamodule, "num_workers", 0)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     return torch.cat([batch[0] for batch in loader])
 
 
@@ -99,7 +111,8 @@ class ExpertTraining(L.LightningModule):
       reseeds from the clock; here an expert's initialisation is reproducible). Data order and DSA draws come from
       the run's global RNG (``seed_everything``).
     - τ[0] is recorded before the first step, τ[e] after epoch e; when the expert finishes, its
-      ``expert_{k:04d}.safetensors`` is written atomically to ``buffer_dir`` (format: ``zoo.dataset_distillation.buffer``).
+      ``expert_{k:04d}.safetensors`` is written atomically to ``buffer_dir`` (format:
+      ``zoo.dataset_distillation.buffer``).
     - Resuming: rerun the same command. Experts whose files exist and match this run's network layout, data set,
       preprocessing and training hyper-parameters are skipped; an expert that was interrupted restarts from its
       seeded initialisation. A file that does not match stops the run with its name and the differing field.
@@ -226,6 +239,8 @@ class ExpertTraining(L.LightningModule):
             "seed": h.seed,
             "batch_size": getattr(self._datamodule(), "batch_size", None),
             "drop_last": getattr(self._datamodule(), "drop_last", None),
+            "mean": _as_list(getattr(self._datamodule(), "mean", None)),
+            "std": _as_list(getattr(self._datamodule(), "std", None)),
         }
 
     def initial_parameters(self, k: int) -> Tensor:
@@ -340,12 +355,14 @@ class ExpertTraining(L.LightningModule):
                     f"{self.hparams.train_epochs}; {_ELSEWHERE}"
                 )
             for key in _MATCH_FIELDS:
-                if key == "drop_last" and key not in header.metadata:
+                if key in _LATER_FIELDS and key not in header.metadata:
                     raise ValueError(
-                        f"{path}: was trained before expert files recorded drop_last (field 'drop_last'), with each "
-                        f"epoch's last partial batch dropped; this run has drop_last = {expected[key]!r}; {_ELSEWHERE}"
+                        f"{path}: was trained before expert files recorded {key} (field {key!r}), "
+                        f"{_LATER_FIELDS[key]}; this run has {key} = {expected[key]!r}; {_ELSEWHERE}"
                     )
-                if header.metadata.get(key) != expected[key]:
+                got = header.metadata.get(key)
+                same = same_normalisation(got, expected[key]) if key in ("mean", "std") else got == expected[key]
+                if not same:
                     raise ValueError(
                         f"{path}: exists with {key} = {header.metadata.get(key)!r}, this run has {expected[key]!r}; "
                         f"{_ELSEWHERE}"
@@ -454,6 +471,10 @@ class ExpertTraining(L.LightningModule):
             "ExpertTraining does not resume from Lightning checkpoints: finished experts are files in "
             f"{self.buffer_dir} and rerunning the same command (without --ckpt_path) skips them"
         )
+
+
+def _as_list(values: Any) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
 
 
 _ELSEWHERE = "point model.init_args.buffer_dir at another folder, or delete the file to retrain it"

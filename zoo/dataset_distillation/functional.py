@@ -82,7 +82,9 @@ class ParamLayout:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """``{name: view}`` of ``flat`` (differentiable: gradients of the views reach ``flat``)."""
         if flat.dim() != 1 or flat.numel() != self.num_params:
-            raise ValueError(f"ParamLayout.unflatten: expected a vector of {self.num_params} values, got {tuple(flat.shape)}")
+            raise ValueError(
+                f"ParamLayout.unflatten: expected a vector of {self.num_params} values, got {tuple(flat.shape)}"
+            )
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.numels), self.shapes)}
 
     @torch.no_grad()

@@ -2,8 +2,11 @@
 
 One ``training_step`` is one outer iteration (the real loader's batch is ignored; ``trainer.max_steps`` is the number
 of iterations). The synthetic images S, the learnable inner learning rate α and, for DATM, the label logits ℓ are
-parameters of one SGD optimizer with a parameter group each (lr_img / lr_lr / lr_y), stepped by hand, so a
-checkpoint holds them and their momentum and an interrupted run resumes. The network is only an architecture: its
+parameters of one SGD optimizer with a parameter group each (lr_img / lr_lr / lr_y), stepped by hand. Every random
+draw of an iteration (expert, start epoch, synthetic batches, DSA parameters, AST's perturbation) comes from the
+module's own generator (``seed``), whose state a checkpoint carries next to S, α, ℓ and their momentum: a run resumed
+from a checkpoint (``zoo fit ... --ckpt_path``) continues exactly as the uninterrupted run (on CPU, with
+``trainer.deterministic: true``). The network is only an architecture: its
 forward runs with ``torch.func.functional_call`` on a flat parameter vector (``zoo.dataset_distillation.functional``),
 starting from an expert's checkpoint τ[s] of the buffer written by ``ExpertTraining``.
 
@@ -27,6 +30,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -42,6 +46,8 @@ from zoo.dataset_distillation.functional import (
 from zoo.models.sources import ModelSource, build_model
 
 __all__ = ["AST", "DATM", "MTT", "TrajectoryMatching"]
+
+_STATE_KEY = "trajectory_matching"  # the checkpoint entry of on_save_checkpoint
 
 
 def _collect(dataset: Any, batch_size: int = 512) -> tuple[Tensor, Tensor]:
@@ -91,7 +97,8 @@ class TrajectoryMatching(L.LightningModule):
             gain and is ~10× smaller, so its evaluation is colder. ``1 / (1 − inner_momentum)`` puts an AST set on
             MTT's footing (digits: see the README's dataset-distillation benchmark).
         output: path of the distilled-set artifact (default: ``<log_dir>/distilled.safetensors``).
-        seed: seeds the choice of experts and start epochs.
+        seed: seeds the module's generator, the source of every random draw of the iteration (experts, start
+            epochs, synthetic batches, one DSA seed per inner step, AST's perturbation); checkpoints carry its state.
     """
 
     def __init__(
@@ -142,7 +149,8 @@ class TrajectoryMatching(L.LightningModule):
             raise ValueError(f"{type(self).__name__}.eval_lr_factor must be > 0, got {eval_lr_factor}")
         if not 0 <= min_start_epoch < max_start_epoch:
             raise ValueError(
-                f"{type(self).__name__}: need 0 ≤ min_start_epoch < max_start_epoch, got {min_start_epoch}, {max_start_epoch}"
+                f"{type(self).__name__}: need 0 ≤ min_start_epoch < max_start_epoch, got {min_start_epoch}, "
+                f"{max_start_epoch}"
             )
         if gradient not in ("unrolled", "tesla"):
             raise ValueError(f"{type(self).__name__}.gradient must be 'unrolled' or 'tesla', got {gradient!r}")
@@ -182,7 +190,13 @@ class TrajectoryMatching(L.LightningModule):
             return
         datamodule = self.trainer.datamodule
         self._buffer = TrajectoryBuffer(self.buffer_dir)
-        self._buffer.check(self.layout, dataset=getattr(datamodule, "name", None))
+        self._buffer.check(
+            self.layout,
+            dataset=getattr(datamodule, "name", None),
+            dsa_strategy=self.hparams.dsa_strategy,
+            mean=getattr(datamodule, "mean", None),
+            std=getattr(datamodule, "std", None),
+        )
         dropped = [h.path.name for h in self._buffer.headers if h.metadata.get("drop_last") is not False]
         if dropped:
             rank_zero_warn(
@@ -222,7 +236,10 @@ class TrajectoryMatching(L.LightningModule):
         flat = trajectory.params[epoch]
         with torch.no_grad():
             return torch.cat(
-                [functional_forward(self.net, self.layout, flat, images[i : i + 512]) for i in range(0, len(images), 512)]
+                [
+                    functional_forward(self.net, self.layout, flat, images[i : i + 512])
+                    for i in range(0, len(images), 512)
+                ]
             )
 
     def _initialise(self, images: Tensor, labels: Tensor) -> None:
@@ -344,6 +361,20 @@ class TrajectoryMatching(L.LightningModule):
             out.append(p.reshape(-1))
         return torch.cat(out)
 
+    def _dsa_seeds(self, steps: int) -> list[int | None]:
+        """One seed per inner step for its DSA parameters (drawn from the module's generator, so a checkpoint
+        carries them; TESLA replays a step's augmentation from its seed)."""
+        if self.dsa is None:
+            return [None] * steps
+        return torch.randint(2**62, (steps,), generator=self._generator).tolist()
+
+    def augment(self, x: Tensor, seed: int | None) -> Tensor:
+        """DSA on one inner batch, its parameters drawn from a CPU generator seeded with ``seed``: an inner step never
+        waits for the GPU to read a draw back, and a CPU run and a GPU run draw the same parameters."""
+        if self.dsa is None:
+            return x
+        return self.dsa(x, generator=torch.Generator().manual_seed(seed))
+
     def _batches(self, steps: int) -> list[Tensor]:
         n = len(self.images)
         size = self.hparams.batch_syn or n
@@ -361,6 +392,13 @@ class TrajectoryMatching(L.LightningModule):
         target = trajectory.params[s + self.hparams.expert_epochs].to(self.device)
         return start, target, s, trajectory
 
+    def normalised_distance(self, w: Tensor, start: Tensor, target: Tensor) -> Tensor:
+        """‖w − τ[s+M]‖² / ‖τ[s] − τ[s+M]‖², in ``distill.py``'s float arithmetic (each sum of squares is an
+        ``mse_loss(reduction="sum")`` divided by the number of parameters, then the ratio is taken), so that an
+        iteration reproduces the official code's float32 results bit for bit (``benchmarks/peers/mtt_official.py``)."""
+        n = self.layout.num_params
+        return F.mse_loss(w, target, reduction="sum") / n / (F.mse_loss(start, target, reduction="sum") / n)
+
     def matching_loss(self, start: Tensor, target: Tensor, s: int, trajectory: Trajectory) -> Tensor:
         """The unrolled matching loss L (and AST's intermediate terms); differentiable w.r.t. S, α and ℓ."""
         hp = self.hparams
@@ -369,10 +407,10 @@ class TrajectoryMatching(L.LightningModule):
         velocity = None
         checkpoints = {}
         marks = {k * (hp.syn_steps // hp.expert_epochs): k for k in range(1, hp.expert_epochs)}
-        for n, b in enumerate(self._batches(hp.syn_steps), start=1):
-            x = self.images[b]
-            if self.dsa is not None:
-                x = self.dsa(x)
+        batches = self._batches(hp.syn_steps)
+        seeds = self._dsa_seeds(hp.syn_steps)
+        for n, (b, seed) in enumerate(zip(batches, seeds), start=1):
+            x = self.augment(self.images[b], seed)
             loss = self.inner_loss(functional_forward(self.net, self.layout, w, x), labels[b], s)
             g = torch.autograd.grad(loss, w, create_graph=True)[0]
             if hp.inner_momentum:
@@ -381,7 +419,7 @@ class TrajectoryMatching(L.LightningModule):
             w = w - self.syn_lr * g
             if hp.intermediate_matching and n in marks:
                 checkpoints[marks[n]] = w
-        total = ((w - target) ** 2).sum() / ((start - target) ** 2).sum()
+        total = self.normalised_distance(w, start, target)
         for k, wk in checkpoints.items():
             tk = trajectory.params[s + k].to(self.device)
             beta = k / hp.expert_epochs if hp.adaptive_intermediate else 1.0
@@ -401,12 +439,10 @@ class TrajectoryMatching(L.LightningModule):
         steps = []
         w = start.clone()
         grad_sum = torch.zeros_like(start)
-        for b in self._batches(hp.syn_steps):
-            seed = int(torch.randint(2**62, (1,), generator=self._generator))
+        batches = self._batches(hp.syn_steps)
+        for b, seed in zip(batches, self._dsa_seeds(hp.syn_steps)):
             w_req = w.detach().requires_grad_(True)
-            x = self.images.detach()[b]
-            if self.dsa is not None:
-                x = self.dsa(x, generator=torch.Generator(x.device).manual_seed(seed))
+            x = self.augment(self.images.detach()[b], seed)
             loss = self.inner_loss(functional_forward(self.net, self.layout, w_req, x), labels.detach()[b], s)
             g = torch.autograd.grad(loss, w_req)[0]
             steps.append((w.detach(), b, seed))
@@ -416,14 +452,14 @@ class TrajectoryMatching(L.LightningModule):
         residual = w - target
         loss = (residual**2).sum() / denom
         upstream = -2 * alpha * residual / denom
+        # only S (and ℓ) receive gradients: without `inputs`, every stored wᵢ would also get a .grad (N·P floats)
+        learnable = [p for p in (self.images, self.label_logits) if p is not None and p.requires_grad]
         for w_i, b, seed in steps:
             w_req = w_i.requires_grad_(True)
-            x = self.images[b]
-            if self.dsa is not None:
-                x = self.dsa(x, generator=torch.Generator(x.device).manual_seed(seed))
+            x = self.augment(self.images[b], seed)
             inner = self.inner_loss(functional_forward(self.net, self.layout, w_req, x), labels[b], s)
             g = torch.autograd.grad(inner, w_req, create_graph=True)[0]
-            self.manual_backward((upstream * g).sum())
+            self.manual_backward((upstream * g).sum(), inputs=learnable)
         self.syn_lr.grad = (-2 * (residual * grad_sum).sum() / denom).reshape(self.syn_lr.shape)
         return loss.detach()
 
@@ -450,6 +486,22 @@ class TrajectoryMatching(L.LightningModule):
         self.log("train/start_epoch", float(s))
         self.log("train/skipped", float(skipped))
         return loss.detach()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds the generator's state (and the evaluation history) to the checkpoint, so a resume is exact."""
+        checkpoint[_STATE_KEY] = {"generator": self._generator.get_state(), "last_eval": dict(self.last_eval)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(_STATE_KEY)
+        if state is None:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint has no generator state (written before checkpoints carried "
+                f"it); the resumed run draws its experts, start epochs, batches and DSA afresh from seed "
+                f"{self.hparams.seed}, so it will not equal an uninterrupted run"
+            )
+            return
+        self._generator.set_state(state["generator"])
+        self.last_eval = dict(state.get("last_eval", {}))
 
     def describe(self) -> dict[str, str]:
         """Names for the fit summary: the synthetic set takes the student's place."""
@@ -489,7 +541,9 @@ class TrajectoryMatching(L.LightningModule):
         best = max(self.last_eval.get("eval/best_over_checkpoints_mean", 0.0), result.mean)
         metrics["eval/best_over_checkpoints_mean"] = best
         seconds = time.perf_counter() - began + self.last_eval.get("seconds_total", 0.0)
-        self.last_eval = {**metrics, "accuracies": result.accuracies, "iteration": self.global_step, "seconds_total": seconds}
+        self.last_eval = {
+            **metrics, "accuracies": result.accuracies, "iteration": self.global_step, "seconds_total": seconds
+        }
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
         self.log_grid()

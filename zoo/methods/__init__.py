@@ -11,8 +11,10 @@ from zoo.methods.mim_distill import DMAE, G2SDGeneric, G2SDSpecific, HybridDisti
 from zoo.methods.nd import DKDND, KDND
 from zoo.methods.segmentation import CWD, PixelKD, SegmentationMethod, SupervisedSegmentation
 from zoo.methods.trg import TRG
+from zoo.methods.vl2v_adip import CLIPContrastive, VL2VADiP
 
 __all__ = [
+    "CLIPContrastive",
     "CWD",
     "DHKD",
     "DKD",
@@ -38,4 +40,5 @@ __all__ = [
     "Supervised",
     "SupervisedSegmentation",
     "TRG",
+    "VL2VADiP",
 ]

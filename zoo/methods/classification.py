@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.losses import DKDLoss, KDLoss
 from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
-from zoo.models.sources import num_classes_of
+from zoo.models.sources import check_source_fits, num_classes_of
 from zoo.soft_labels import SoftLabels, prepare_soft_labels, soft_labels_to_logits
 from zoo.teacher import FeatureTaps, Teacher
 
@@ -75,6 +75,8 @@ class ClassificationMethod(DistillationMethod):
         self.soft_labels = SoftLabels(**soft_labels) if isinstance(soft_labels, dict) else soft_labels
 
     def configure_models(self) -> None:
+        for name in ("student", "teacher"):
+            check_source_fits(self.source(name), name, self.hparams.num_classes, self.hparams.in_chans)
         self.student = self.build_student()
         self.num_classes = self.hparams.num_classes or num_classes_of(self.student)
         if self.num_classes is None:

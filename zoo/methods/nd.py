@@ -15,6 +15,7 @@ from zoo.io import atomic_path
 from zoo.losses import NDLoss, NDProjector
 from zoo.methods.base import ModelLike, Outputs, TeacherLike
 from zoo.methods.classification import DKD, KD, ClassificationMethod
+from zoo.progress import progress
 from zoo.teacher import PRE_LOGITS, Teacher, embedding_dim
 
 __all__ = ["DKDND", "KDND", "compute_class_centers"]
@@ -25,7 +26,7 @@ def compute_class_centers(teacher: Teacher, loader, num_classes: int, device: to
     """Mean teacher embedding per class over a loader (the official code uses the augmented training set)."""
     sums: Tensor | None = None
     counts = torch.zeros(num_classes, device=device)
-    for batch in loader:
+    for batch in progress(loader, "ND class centres"):
         x, y = ClassificationMethod.unpack_batch(batch)
         x, y = x.to(device), y.to(device)
         emb = teacher.forward_features(x)[1][PRE_LOGITS].float()

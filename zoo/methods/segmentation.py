@@ -17,7 +17,7 @@ from zoo.losses.segmentation import CWDLoss, PixelKDLoss
 from zoo.methods.base import DistillationMethod, ModelLike, Outputs, TeacherLike
 from zoo.metrics import SegmentationMetrics
 from zoo.models.segmentation import segmentation_taps
-from zoo.models.sources import build_model, num_classes_of
+from zoo.models.sources import build_model, check_source_fits, num_classes_of
 from zoo.teacher import FeatureTaps, Teacher
 
 __all__ = ["CWD", "PixelKD", "SegmentationMethod", "SupervisedSegmentation", "TapName"]
@@ -92,6 +92,8 @@ class SegmentationMethod(DistillationMethod):
         self.add_teacher(name, teacher)
 
     def configure_models(self) -> None:
+        check_source_fits(self.source("student"), "student", self.hparams.num_classes, self.student_in_chans())
+        check_source_fits(self.source("teacher"), "teacher", self.hparams.num_classes, self.teacher_in_chans())
         self.student = self.build_student()
         self.num_classes = self.hparams.num_classes or num_classes_of(self.student)
         if self.source("teacher") is not None:
@@ -182,6 +184,21 @@ class SegmentationMethod(DistillationMethod):
     def loss_terms(self, student: Outputs, teacher: Outputs | None, target: Tensor) -> dict[str, Tensor]:
         return self.supervised_terms(student, target)
 
+    def check_labels(self, y: Tensor, where: str) -> None:
+        """Refuses a batch whose labels hold a value that is neither a class nor ``ignore_index`` (read on the
+        first batch of training and of evaluation, so a wrong data set fails at once, not inside a loss)."""
+        ignore = self.hparams.ignore_index
+        bad = ((y < 0) | (y >= self.num_classes)) & (y != ignore)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{where}: label value {int(y[bad][0])} is neither a class (0..{self.num_classes - 1}) nor "
+                f"ignore_index {ignore}; `zoo check-data --config <config>` lists the files"
+            )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 0 and batch_idx == 0:
+            self.check_labels(self.unpack_batch(batch)[1], "the first training batch")
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = self.unpack_batch(batch)
         student = self.forward_student(self.student_input(x, y, train=True))
@@ -191,6 +208,8 @@ class SegmentationMethod(DistillationMethod):
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, batch: Any, stage: Literal["val", "test"], batch_idx: int = 0) -> dict[str, Tensor]:
         x, y = self.unpack_batch(batch)
+        if batch_idx == 0:
+            self.check_labels(y, f"the first {stage} batch")
         logits = self.student(self.student_input(x, y, train=False))
         bs = x.shape[0]
         (self.val_seg if stage == "val" else self.test_seg).update(logits, y)

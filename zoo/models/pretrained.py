@@ -32,6 +32,11 @@ class Pretrained(ModelSource):
                 f"DistilledDataModule(path='hub:{name}')"
             )
         self.mean, self.std = tuple(entry["mean"]), tuple(entry["std"])
+        # what the weights were trained for, checked against the data before they are loaded
+        arch = entry["architecture"].get("init_args", {})
+        input_size = entry.get("input_size") or []
+        self.num_classes = arch.get("num_classes")
+        self.in_chans = arch.get("in_chans") or (input_size[0] if input_size else None)
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         model, entry = load(self.name)

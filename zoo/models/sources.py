@@ -30,6 +30,7 @@ __all__ = [
     "TimmModel",
     "TorchvisionModel",
     "build_model",
+    "check_source_fits",
     "num_classes_of",
     "load_weights",
     "read_state_dict",
@@ -293,12 +294,16 @@ def read_state_dict(path: str | os.PathLike, field: str = "checkpoint") -> dict[
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"{field}: cannot read {path} as safetensors (truncated or not safetensors: {err})") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"{field}: cannot read {path} as a torch checkpoint: {err}") from err
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{field}: cannot read {path} as a torch checkpoint ({reason})") from None
     for _ in range(3):
         if isinstance(state, Mapping) and not _is_tensor_dict(state):
             nested = next((state[k] for k in _NESTED_KEYS if k in state and isinstance(state[k], Mapping)), None)
@@ -350,3 +355,21 @@ def num_classes_of(model: nn.Module) -> int | None:
         if isinstance(module, nn.Linear):
             return module.out_features
     return None
+
+
+def check_source_fits(source: Any, field: str, num_classes: int | None, in_chans: int | None) -> None:
+    """Refuses, before anything is built, a source (or list of sources) that declares a number of classes or of
+    input channels other than the data's, naming the config field and both values."""
+    if isinstance(source, (list, tuple)):
+        for i, item in enumerate(source):
+            check_source_fits(item, f"{field}[{i}]", num_classes, in_chans)
+        return
+    for name, want, what in (("num_classes", num_classes, "classes"), ("in_chans", in_chans, "input channels")):
+        own = getattr(source, name, None)
+        if isinstance(own, int) and want is not None and own != want:
+            settable = name in inspect.signature(type(source).__init__).parameters
+            hint = f" (or drop {field}.init_args.{name} to take the data's)" if settable else ""
+            raise ValueError(
+                f"{field}: {source.describe()} has {name} {own} but the data has {want} {what}; use a {field} "
+                f"built for this data{hint}"
+            )
