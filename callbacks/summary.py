@@ -54,6 +54,8 @@ class FitSummary(L.Callback):
         }
         self._keys = (score, teacher_score, agreement)
         self.agreement_name = getattr(pl_module, "agreement_name", "top-1")
+        # a method that trains without a teacher (a teacher, a baseline) trains a model, not a student
+        self.role = "student" if getattr(pl_module, "requires_teacher", True) else "model"
         if self.enabled:
             self._print()
 
@@ -69,7 +71,7 @@ class FitSummary(L.Callback):
             table.add_column(col)
         if "teacher" in s:
             table.add_row("teacher", s["teacher"], f"{s['teacher_params']:,}", _pct(s.get(teacher_score)))
-        table.add_row("student", s["student"], f"{s['student_params']:,}", _pct(s.get(score)))
+        table.add_row(getattr(self, "role", "student"), s["student"], f"{s['student_params']:,}", _pct(s.get(score)))
         console = Console()
         console.print(table)
         if agreement in s:

@@ -97,6 +97,20 @@ def _bad_segmentation_labels(tmp: Path) -> None:
     _write(voc / "ImageSets" / "Segmentation" / "val.txt", "a\nb\n")
 
 
+def _image_folder(tmp: Path, corrupt: bool = False, val: bool = True, classes: bool = True) -> None:
+    """A small ImageFolder of 28×28 grayscale digits (train/ and val/), one PNG corrupt when asked."""
+    from PIL import Image
+
+    for split in ("train", "val") if val else ("train",):
+        (tmp / "folder" / split).mkdir(parents=True, exist_ok=True)
+        for c in range(3) if classes else ():
+            for i in range(4):
+                _write(tmp / "folder" / split / str(c) / f"{i}.png", b"")
+                Image.new("L", (28, 28), 40 * c + i).save(tmp / "folder" / split / str(c) / f"{i}.png")
+    if corrupt:
+        _write(tmp / "folder" / "train" / "1" / "2.png", b"\x89PNG not really")
+
+
 def _yaml(tmp: Path) -> None:
     _write(tmp / "broken.yaml", "model:\n  class_path: zoo.methods.KD\n  init_args: {student: [\n")
     _write(tmp / "empty.yaml", "")
@@ -113,6 +127,10 @@ SEG = ["fit", "--config", "configs/segmentation/digit_scenes/baseline.yaml"]
 VOC_ARGS = ["--data=zoo.data.VOCSegmentationDataModule", "--data.init_args.root={tmp}/voc/VOC2012",
             "--data.init_args.train_split=train", "--data.init_args.batch_size=2", "--data.init_args.crop_size=32",
             "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false"]
+
+FOLDER = ["fit", "--config", "configs/classification/mnist_like/baseline.yaml", "--data.init_args.root={tmp}/folder",
+          "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--trainer.accelerator=cpu",
+          f"--trainer.default_root_dir={{tmp}}/runs", *QUICK]
 
 CASES: dict[str, Case] = {
     # -------------------------------------------------------------------- numbers and names in the config
@@ -184,6 +202,11 @@ CASES: dict[str, Case] = {
     "mtt_without_experts": Case(
         cmd("fit", "--config", "configs/dataset_distillation/digits/mtt.yaml", *QUICK,
             "--model.init_args.buffer_dir={tmp}/no_experts"), r"no_experts"),
+    "image_folder_root_missing": Case(cmd(*FOLDER, "--data.init_args.root={tmp}/nothing"), r"nothing"),
+    "image_folder_without_val": Case(cmd(*FOLDER), r"val", setup=lambda t: _image_folder(t, val=False)),
+    "image_folder_empty": Case(cmd(*FOLDER), r"folder|train", setup=lambda t: _image_folder(t, classes=False)),
+    "image_folder_corrupt_png": Case(cmd(*FOLDER, "--trainer.limit_train_batches=3"), r"2\.png",
+                                     setup=lambda t: _image_folder(t, corrupt=True)),
     # -------------------------------------------------------------------- checkpoints command
     "offline_flag_invalid": Case(cmd("checkpoints", "download", "digits-resnet32-teacher"), r"ZOO_OFFLINE",
                                  env={"ZOO_OFFLINE": "maybe"}),

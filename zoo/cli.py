@@ -39,7 +39,15 @@ def _parser_mode() -> str:
 
 
 class ZooSaveConfig(SaveConfigCallback):
-    """Saves the resolved config in the run folder and stores it in the W&B run's config when W&B logs the run."""
+    """Saves the resolved config in the run folder and stores it in the W&B run's config when W&B logs the run.
+
+    Only ``fit`` writes it: ``validate``/``test``/``predict`` of a finished run log into that run's folder and leave
+    the config it was trained with in place (resuming compares against it).
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         for logger in trainer.loggers:
@@ -65,6 +73,13 @@ def find_last_checkpoint(root: str | os.PathLike, run_name: str, dirpaths: list[
     found = list((Path(root) / run_name).glob("version_*/checkpoints/last.ckpt"))
     found += [Path(d) / "last.ckpt" for d in dirpaths if (Path(d) / "last.ckpt").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _checked_num_classes(datamodule: Any) -> int | None:
+    check = getattr(datamodule, "check_paths", None)
+    if callable(check):
+        check()
+    return getattr(datamodule, "num_classes", None)
 
 
 def _config_files(argv: list[str]) -> list[str]:
@@ -130,7 +145,7 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", ZooSaveConfig)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
-        self._resume_version: int | None = None
+        self._resume_run: Path | None = None
         self._config_files = _config_files(list(sys.argv[1:] if args is None else args))
         for file in self._config_files:
             _check_config_file(file)
@@ -146,7 +161,9 @@ class ZooCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # the data module is built first; its folders are checked then, before any model (or teacher) is built
+        parser.link_arguments("data", "model.init_args.num_classes", compute_fn=_checked_num_classes,
+                              apply_on="instantiate")
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
         parser.add_lightning_class_args(FitSummary, "summary")
         parser.add_argument(
@@ -205,10 +222,12 @@ class ZooCLI(LightningCLI):
         if "state_dict" not in checkpoint:
             raise ValueError(f"--ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
         run = path.parent.parent if path.parent.name == "checkpoints" else None
-        if sub == "fit" and run is not None:
-            self._check_resume_config(run / "config.yaml", config)
+        if run is not None:
+            if sub == "fit":
+                self._check_resume_config(run / "config.yaml", config)
+            # the run's own folder: a resumed fit, or a validate/test of the run, logs where the run does
             if run.name.startswith("version_") and run.name[len("version_"):].isdigit():
-                self._resume_version = int(run.name[len("version_"):])
+                self._resume_run = run
         return super()._parse_ckpt_path()
 
     def _run_name_from_config(self, config: Any) -> str:
@@ -265,7 +284,11 @@ class ZooCLI(LightningCLI):
 
         def csv() -> CSVLogger:
             # rows reach the file every 10 steps, so a killed run keeps what it logged
-            return CSVLogger(save_dir=root, name=name, version=self._resume_version, flush_logs_every_n_steps=10)
+            if self._resume_run is not None:  # the checkpoint's own run folder
+                run = self._resume_run
+                return CSVLogger(save_dir=run.parent, name="", version=int(run.name[len("version_"):]),
+                                 flush_logs_every_n_steps=10)
+            return CSVLogger(save_dir=root, name=name, flush_logs_every_n_steps=10)
 
         if logger is None or logger is True:
             config["logger"] = csv()

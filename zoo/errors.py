@@ -50,7 +50,7 @@ def _message(err: BaseException) -> str:
 
 _FRAMING = re.compile(
     r"^\s*(Parser key|Does not validate|Problem with given class_path|Errors:|Given value|Subtypes:|Type typing|"
-    r"Expected a path|- |Configuration check failed|Validation failed)"
+    r"Expected a path|- |Configuration check failed|Validation failed|Call to compute_fn)"
 )
 
 

@@ -64,6 +64,10 @@ def _offline_copy(config: str, tmp_path: Path) -> str:
             spec["pretrained"] = False
     # cached soft labels need the real data module (tests/test_soft_labels.py); this test steps the recipe alone
     args.pop("soft_labels", None)
+    if "ImageFolder" in raw["data"]["class_path"]:  # the module checks its folders at construction: empty splits
+        for split in ("train", "val"):
+            (tmp_path / "imagenet" / split).mkdir(parents=True, exist_ok=True)
+        raw["data"]["init_args"]["root"] = str(tmp_path / "imagenet")
     if raw["model"]["class_path"] in ("zoo.methods.KDND", "zoo.methods.DKDND"):
         # random data cannot give every class a centre: hand ND a centres file, as a user reusing one would
         raw["model"]["init_args"]["centers_file"] = _centres_file(raw, tmp_path)

@@ -79,6 +79,10 @@ class ZooDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self.unlabelled_set: Dataset | None = None
 
+    def check_paths(self) -> None:
+        """Refuses missing data folders or files, naming them; the ``zoo`` command calls it when the data module is
+        built, before any model is. Data modules that read files override it (nothing to check here)."""
+
     @property
     def drops_partial_batch(self) -> bool:
         """Whether the training loader leaves images out every epoch: ``drop_last`` and a set that is more than one

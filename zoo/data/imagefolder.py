@@ -21,17 +21,27 @@ GRAY_MEAN = (sum(IMAGENET_MEAN) / 3,)
 GRAY_STD = (sum(IMAGENET_STD) / 3,)
 
 
-def _open_rgb(path: str) -> Any:
-    from torchvision.datasets.folder import pil_loader
+def _open(path: str, mode: str) -> Any:
+    """The image at ``path`` in PIL ``mode``. An unreadable file stops the run naming it (silently skipping it would
+    change the data set); ``zoo check-data`` lists every such file of a config's data at once."""
+    from PIL import Image
 
-    return pil_loader(path)
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's decoding errors
+        raise ValueError(
+            f"{path}: cannot read this image ({type(err).__name__}: {err}); fix or remove it "
+            "(`zoo check-data --config <config>` lists every unreadable file)"
+        ) from None
+
+
+def _open_rgb(path: str) -> Any:
+    return _open(path, "RGB")
 
 
 def _open_gray(path: str) -> Any:
-    from PIL import Image
-
-    with open(path, "rb") as f:
-        return Image.open(f).convert("L")
+    return _open(path, "L")
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -155,6 +165,11 @@ class ImageFolderDataModule(ZooDataModule):
         self.transforms(train=True)  # an unknown auto_augment policy fails here, not in a loader worker
         self._num_classes = num_classes
         self._classes: list[str] | None = None
+
+    def check_paths(self) -> None:
+        """Refuses a missing root or split folder (the CLI calls it before building any model for the data)."""
+        self._folder(self.train_dir, "train_dir")
+        self._folder(self.val_dir, "val_dir")
 
     @staticmethod
     def _eval_resize(owner: str, preset: str, image_size: int, resize_size: int | None,

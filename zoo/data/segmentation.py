@@ -313,7 +313,10 @@ class _SegmentationDataModule(ZooDataModule, abc.ABC):
         self.labelled_list = labelled_list
         self.unlabelled_list = unlabelled_list
         self.semi_supervised = semi_supervised
-        self._locate()  # a missing data set fails here, before any model is built for it
+
+    def check_paths(self) -> None:
+        """Refuses a missing data set folder (the CLI calls it before building any model for the data)."""
+        self._locate()
 
     @property
     def name(self) -> str:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.models.sources import ModelSource, _as_norm, build_model, load_weights, source_from_config
+from zoo.models.sources import ModelSource, as_normalization, build_model, load_weights, source_from_config
 
 __all__ = [
     "DIGITS_CLIP_CFG",
@@ -94,8 +94,8 @@ class OpenCLIPModel(ModelSource):
         self.cache_dir = cache_dir
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.mean = _as_norm(mean, "mean", "OpenCLIPModel")
-        self.std = _as_norm(std, "std", "OpenCLIPModel")
+        self.mean = as_normalization(mean, "mean", "OpenCLIPModel")
+        self.std = as_normalization(std, "std", "OpenCLIPModel")
         self.transforms: tuple[Any, Any] | None = None
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from zoo.models.sources import ModelSource, _pick, load_weights
+from zoo.models.sources import ModelSource, load_weights, pick_size
 
 __all__ = ["ConvNet", "ConvNetModel", "has_batchnorm"]
 
@@ -129,8 +129,8 @@ class ConvNetModel(ModelSource):
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         model = ConvNet(
-            num_classes=_pick(self.num_classes, num_classes, 10),
-            in_chans=_pick(self.in_chans, in_chans, 3),
+            num_classes=pick_size(self.num_classes, num_classes, 10),
+            in_chans=pick_size(self.in_chans, in_chans, 3),
             width=self.width,
             depth=self.depth,
             norm=self.norm,

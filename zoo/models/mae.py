@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from zoo.models.sources import ModelSource, _as_norm, _pick, read_state_dict
+from zoo.models.sources import ModelSource, as_normalization, pick_size, read_state_dict
 
 __all__ = [
     "MAE_MODELS",
@@ -550,15 +550,15 @@ class MAEModel(ModelSource):
         self.in_chans = in_chans
         self.checkpoint = checkpoint
         self.overrides = dict(overrides or {})
-        self.mean = _as_norm(mean, "mean", "MAEModel")
-        self.std = _as_norm(std, "std", "MAEModel")
+        self.mean = as_normalization(mean, "mean", "MAEModel")
+        self.std = as_normalization(std, "std", "MAEModel")
 
     def config(self, in_chans: int | None = None) -> dict[str, Any]:
         """The :class:`MaskedAutoencoder` arguments this source builds with."""
         cfg = _mae_config(self.name, self.overrides, "MAEModel")
         if self.img_size is not None:
             cfg["img_size"] = self.img_size
-        cfg["in_chans"] = _pick(self.in_chans, in_chans, cfg["in_chans"])
+        cfg["in_chans"] = pick_size(self.in_chans, in_chans, cfg["in_chans"])
         return cfg
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
@@ -638,18 +638,18 @@ class MAEEncoderModel(ModelSource):
         self.overrides = dict(overrides or {})
         self.head_init_std = head_init_std
         self.load_head = load_head
-        self.mean = _as_norm(mean, "mean", "MAEEncoderModel")
-        self.std = _as_norm(std, "std", "MAEEncoderModel")
+        self.mean = as_normalization(mean, "mean", "MAEEncoderModel")
+        self.std = as_normalization(std, "std", "MAEEncoderModel")
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         cfg = _mae_config(self.name, self.overrides, "MAEEncoderModel")
         enc = {k: cfg[k] for k in _ENCODER_ARGS if k in cfg}
         if self.img_size is not None:
             enc["img_size"] = self.img_size
-        enc["in_chans"] = _pick(self.in_chans, in_chans, cfg["in_chans"])
+        enc["in_chans"] = pick_size(self.in_chans, in_chans, cfg["in_chans"])
         model = VisionTransformer(
             **enc,
-            num_classes=_pick(self.num_classes, num_classes, 1000),
+            num_classes=pick_size(self.num_classes, num_classes, 1000),
             global_pool=self.global_pool,
             drop_path_rate=self.drop_path_rate,
             qkv_bias=True,

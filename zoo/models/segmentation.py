@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoo.models.sources import ModelSource, _as_norm, _pick, load_weights
+from zoo.models.sources import ModelSource, as_normalization, load_weights, pick_size
 
 __all__ = [
     "MMSegModel",
@@ -82,8 +82,8 @@ class SMPModel(ModelSource):
         self.in_chans = in_chans
         self.checkpoint = checkpoint
         self.model_kwargs = dict(model_kwargs or {})
-        self.mean = _as_norm(mean, "mean", "SMPModel")
-        self.std = _as_norm(std, "std", "SMPModel")
+        self.mean = as_normalization(mean, "mean", "SMPModel")
+        self.std = as_normalization(std, "std", "SMPModel")
         if encoder_weights and self.mean is None:
             self.mean, self.std = _IMAGENET_MEAN, _IMAGENET_STD
 
@@ -95,8 +95,8 @@ class SMPModel(ModelSource):
             model = cls(
                 encoder_name=self.encoder,
                 encoder_weights=self.encoder_weights,
-                in_channels=_pick(self.in_chans, in_chans, 3),
-                classes=_pick(self.num_classes, num_classes, 21),
+                in_channels=pick_size(self.in_chans, in_chans, 3),
+                classes=pick_size(self.num_classes, num_classes, 21),
                 **self.model_kwargs,
             )
         except (KeyError, ValueError, RuntimeError) as err:
@@ -156,8 +156,8 @@ class TorchvisionSegmentationModel(ModelSource):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.checkpoint = checkpoint
-        self.mean = _as_norm(mean, "mean", "TorchvisionSegmentationModel")
-        self.std = _as_norm(std, "std", "TorchvisionSegmentationModel")
+        self.mean = as_normalization(mean, "mean", "TorchvisionSegmentationModel")
+        self.std = as_normalization(std, "std", "TorchvisionSegmentationModel")
         if (weights or weights_backbone) and self.mean is None:
             self.mean, self.std = _IMAGENET_MEAN, _IMAGENET_STD
 
@@ -176,7 +176,7 @@ class TorchvisionSegmentationModel(ModelSource):
         if classes is not None:
             kwargs["num_classes"] = classes
         model = torchvision.models.get_model(self.name, **kwargs)
-        chans = _pick(self.in_chans, in_chans, 3)
+        chans = pick_size(self.in_chans, in_chans, 3)
         if chans != 3:
             expand_input_channels(model, chans)
         wrapped = TorchvisionSegmentation(model)
@@ -226,8 +226,8 @@ class MMSegModel(ModelSource):
         self.config = config
         self.checkpoint = checkpoint
         self.num_classes = num_classes
-        self.mean = _as_norm(mean, "mean", "MMSegModel")
-        self.std = _as_norm(std, "std", "MMSegModel")
+        self.mean = as_normalization(mean, "mean", "MMSegModel")
+        self.std = as_normalization(std, "std", "MMSegModel")
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         try:

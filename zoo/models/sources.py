@@ -26,12 +26,14 @@ from torch import nn
 __all__ = [
     "ModelSource",
     "as_config",
+    "as_normalization",
     "CIFARModel",
     "TimmModel",
     "TorchvisionModel",
     "build_model",
     "check_source_fits",
     "num_classes_of",
+    "pick_size",
     "load_weights",
     "read_state_dict",
     "source_from_config",
@@ -99,13 +101,15 @@ def source_from_config(spec: Mapping[str, Any]) -> Any:
     return cls(**dict(spec.get("init_args") or {}))
 
 
-def _pick(own: int | None, given: int | None, default: int) -> int:
+def pick_size(own: int | None, given: int | None, default: int) -> int:
+    """A size a source was given (``own``), else the data's (``given``), else ``default``."""
     if own is not None:
         return own
     return given if given is not None else default
 
 
-def _as_norm(value: Sequence[float] | None, field: str, owner: str) -> tuple[float, ...] | None:
+def as_normalization(value: Sequence[float] | None, field: str, owner: str) -> tuple[float, ...] | None:
+    """A source's ``mean``/``std`` option as a tuple of floats (``None`` stays None); a std ≤ 0 is refused."""
     if value is None:
         return None
     values = tuple(float(v) for v in value)
@@ -143,14 +147,16 @@ class CIFARModel(ModelSource):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.checkpoint = checkpoint
-        self.mean = _as_norm(mean, "mean", "CIFARModel")
-        self.std = _as_norm(std, "std", "CIFARModel")
+        self.mean = as_normalization(mean, "mean", "CIFARModel")
+        self.std = as_normalization(std, "std", "CIFARModel")
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         from zoo.models.cifar import create_cifar_model
 
         model = create_cifar_model(
-            self.name, num_classes=_pick(self.num_classes, num_classes, 100), in_chans=_pick(self.in_chans, in_chans, 3)
+            self.name,
+            num_classes=pick_size(self.num_classes, num_classes, 100),
+            in_chans=pick_size(self.in_chans, in_chans, 3),
         )
         if self.checkpoint:
             load_weights(model, self.checkpoint, field="CIFARModel.checkpoint")
@@ -190,15 +196,15 @@ class TimmModel(ModelSource):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.model_kwargs = dict(model_kwargs or {})
-        self.mean = _as_norm(mean, "mean", "TimmModel")
-        self.std = _as_norm(std, "std", "TimmModel")
+        self.mean = as_normalization(mean, "mean", "TimmModel")
+        self.std = as_normalization(std, "std", "TimmModel")
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         import timm
 
         kwargs = dict(self.model_kwargs)
-        kwargs["num_classes"] = _pick(self.num_classes, num_classes, 1000)
-        kwargs["in_chans"] = _pick(self.in_chans, in_chans, 3)
+        kwargs["num_classes"] = pick_size(self.num_classes, num_classes, 1000)
+        kwargs["in_chans"] = pick_size(self.in_chans, in_chans, 3)
         try:
             model = timm.create_model(self.name, pretrained=self.pretrained, **kwargs)
         except RuntimeError as err:
@@ -241,8 +247,8 @@ class TorchvisionModel(ModelSource):
         self.weights = weights
         self.checkpoint = checkpoint
         self.num_classes = num_classes
-        self.mean = _as_norm(mean, "mean", "TorchvisionModel")
-        self.std = _as_norm(std, "std", "TorchvisionModel")
+        self.mean = as_normalization(mean, "mean", "TorchvisionModel")
+        self.std = as_normalization(std, "std", "TorchvisionModel")
 
     def build(self, num_classes: int | None = None, in_chans: int | None = None) -> nn.Module:
         import torchvision
@@ -297,7 +303,9 @@ def read_state_dict(path: str | os.PathLike, field: str = "checkpoint") -> dict[
         try:
             state: Any = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"{field}: cannot read {path} as safetensors (truncated or not safetensors: {err})") from None
+            raise ValueError(
+                f"{field}: cannot read {path} as safetensors (truncated or not safetensors: {err})"
+            ) from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
