@@ -4,8 +4,8 @@ partial downloads, what a published card calls each metric, threads under multi-
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import time
 from pathlib import Path
 
@@ -194,7 +194,7 @@ def test_published_files_are_readable_by_others_and_the_card_names_each_metrics_
     for file in pub.iterdir():
         assert file.stat().st_mode & 0o777 == 0o644, file
     card = json.loads(next(pub.glob("*.json")).read_text())
-    assert card["metric_splits"] == {k: "val" for k in card["entry"]["metrics"]}
+    assert card["entry"]["metric_splits"] == {k: "val" for k in card["entry"]["metrics"]}
     assert "validation split" in next(pub.glob("*.md")).read_text()
 
 

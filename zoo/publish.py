@@ -74,10 +74,12 @@ def source_config(spec: Any) -> dict[str, Any] | None:
 
 
 def architecture_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The student's source as class_path/init_args, with the data's num_classes/in_chans filled in."""
+    """The student's source as class_path/init_args, with the data's num_classes/in_chans filled in and without the
+    weights it was started from (``checkpoint``: the published file holds the trained weights)."""
     student = source_config(hparams.get("student"))
     if student is None:
         raise ValueError("the run does not record its student as a zoo.models source (class_path/init_args)")
+    student["init_args"].pop("checkpoint", None)
     for key in ("num_classes", "in_chans"):
         if hparams.get(key) is not None and key not in student["init_args"]:
             student["init_args"][key] = hparams[key]
@@ -99,7 +101,7 @@ def describe_source(spec: Any) -> str | None:
     return source.describe() if isinstance(source, ModelSource) else type(source).__name__
 
 
-_SPLIT_WORDS = {"val": "validation split, last epoch", "test": "test split"}
+_SPLIT_WORDS = {"val": "validation split, last epoch", "test": "test split"}  # others: the data module's words
 
 
 def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
@@ -118,7 +120,7 @@ def model_card(entry: dict[str, Any], card: dict[str, Any]) -> str:
         "",
         "## Metrics",
         "",
-        *[f"- {k}: {v}" + (f" ({_SPLIT_WORDS[s]})" if (s := card.get("metric_splits", {}).get(k)) else "")
+        *[f"- {k}: {v}" + (f" ({_SPLIT_WORDS.get(s, s)})" if (s := entry.get("metric_splits", {}).get(k)) else "")
           for k, v in entry["metrics"].items()],
         "",
         "## Library versions",
@@ -252,6 +254,16 @@ def _data_facts(config: dict[str, Any]) -> dict[str, Any]:
             "test_split": getattr(dm, "test_split", "test")}
 
 
+def _task_of(class_path: str) -> str:
+    """The task a method's checkpoints are listed under (its family's ``task``; classification when unknown)."""
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(__import__(module, fromlist=[name]), name)
+    except (ImportError, AttributeError, ValueError):
+        return "classification"
+    return str(getattr(cls, "task", "classification"))
+
+
 def check_target(name: str, out_dir: str | os.PathLike) -> Path:
     """Refuses, before anything is evaluated or written, a name that is not a plain file stem
     (``hub.NAME_PATTERN``) or an output folder that cannot be created or written. Returns the folder."""
@@ -301,12 +313,12 @@ def publish(
     config_path = config_path or str(config_file)
     metrics = _last_val_metrics(run)
     test_split = facts.get("test_split", "test")
-    if test_split == "test":
+    if test_split != "val":
         metrics.update(test_metrics or {})
     # a data module whose test loader reads the validation split has no test metric: the card never calls it test
     entry = {
         "name": name,
-        "task": "classification",
+        "task": _task_of(str(config.get("model", {}).get("class_path", ""))),
         "method": str(config.get("model", {}).get("class_path", "")).rsplit(".", 1)[-1],
         "architecture": architecture_from_hparams(hparams),
         "dataset": dataset or facts.get("dataset", ""),
@@ -322,13 +334,13 @@ def publish(
         "command": f"{fit_command or f'zoo fit --config {config_path}'} && zoo checkpoints publish {run} --name {name} "
         f"--dir {out_dir} --config {config_path}",
     }
+    entry["metric_splits"] = {k: (test_split if k.startswith("test_") else "val") for k in entry["metrics"]}
     card = {
         "method": entry["method"],
         "student": describe_source(hparams.get("student")),
         "teacher": describe_source(hparams.get("teacher")),
         "dataset": entry["dataset"],
         "config": config,
-        "metric_splits": {k: ("test" if k.startswith("test_") else "val") for k in entry["metrics"]},
     }
     _, entry = write_publication(ckpt, out_dir, entry, card)
     return entry
@@ -439,6 +451,9 @@ def render_markdown(entries: list[dict[str, Any]] | None = None) -> str:
             f"- command: `{e['command']}`",
             f"- input: {e['input_size']}, mean {e['mean']}, std {e['std']}",
         ]
+        if e.get("metric_splits"):
+            splits = ", ".join(f"{k}: {_SPLIT_WORDS.get(s, s)}" for k, s in e["metric_splits"].items())
+            lines.append(f"- metrics from: {splits}")
         if e["task"] == TASK_DISTILLED:
             lines.append(
                 f"- distilled set: {e['ipc']} image(s) per class at iteration {e['iteration']}; eval_acc_mean/std: "

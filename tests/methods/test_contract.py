@@ -70,6 +70,14 @@ def tiny_clip() -> clip.OpenCLIPModel:
     return clip.OpenCLIPModel("ViT-B-16", model_cfg=clip.DIGITS_CLIP_CFG)
 
 
+def vlm(recipe: str) -> tuple[L.LightningModule, DataLoader]:
+    """A VLM method from the tiny recipes of tests/vlm/test_methods.py, with its digits-VQA training loader."""
+    recipes = importlib.import_module("tests.vlm.test_methods")
+    method, datamodule = getattr(recipes, recipe)()
+    datamodule.setup("fit")
+    return method, datamodule.train_dataloader()
+
+
 def segmenter(cls_name: str, **kw):
     cls = METHODS[cls_name]
     teacher = None if cls.requires_teacher is False else SEG
@@ -111,6 +119,9 @@ RECIPES: dict[str, Callable[[], tuple[L.LightningModule, object]]] = {
     "CLIPContrastive": lambda: (zoo.methods.CLIPContrastive(
         tiny_clip(), num_classes=10, in_chans=3, class_names=list(clip.DIGIT_NAMES)),
         digit_domains(test_domains=[])),
+    "VLMSupervised": lambda: vlm("tiny_vlmsupervised"),
+    "LLaVAKD": lambda: vlm("tiny_llavakd"),
+    "LLaVAMoD": lambda: vlm("tiny_llavamod"),
     "FineTune": lambda: (zoo.methods.FineTune(MAEEncoderModel("mae_vit_tiny_digits", num_classes=10,
                                                               overrides=TINY_MAE), num_classes=10, in_chans=1,
                                               layer_decay=0.75), images()),

@@ -342,6 +342,12 @@ class DomainBedDataModule(ZooDataModule):
     def _test_split(self) -> str:
         return "test" if self.test_fraction > 0 else "all"
 
+    @property
+    def test_split(self) -> str:
+        """What the test loader reads, as a published card names it: the held-out domains, or a test share of
+        the training domains."""
+        return f"held-out domains {', '.join(self.test_domains)}" if self.test_domains else "test"
+
     # ----------------------------------------------------------------------------------------------- loaders
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._concat(self.train_domains, "train", train=True)

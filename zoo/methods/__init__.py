@@ -4,6 +4,8 @@ from zoo.methods.base import DistillationMethod, Outputs
 from zoo.methods.classification import DKD, KD, ClassificationMethod, Supervised
 from zoo.methods.dhkd import DHKD
 from zoo.methods.lad import LAD, LADTeacher
+from zoo.methods.llava_kd import LLaVAKD
+from zoo.methods.llava_mod import LLaVAMoD
 from zoo.methods.meal import MEALV2
 from zoo.methods.mgd import MGD
 from zoo.methods.mim import FineTune, LinearProbe, MAEPretrain
@@ -12,6 +14,7 @@ from zoo.methods.nd import DKDND, KDND
 from zoo.methods.segmentation import CWD, PixelKD, SegmentationMethod, SupervisedSegmentation
 from zoo.methods.trg import TRG
 from zoo.methods.vl2v_adip import CLIPContrastive, VL2VADiP
+from zoo.methods.vlm import VLMMethod, VLMSupervised
 
 __all__ = [
     "CLIPContrastive",
@@ -30,6 +33,8 @@ __all__ = [
     "KDND",
     "LAD",
     "LADTeacher",
+    "LLaVAKD",
+    "LLaVAMoD",
     "LinearProbe",
     "MAEPretrain",
     "MEALV2",
@@ -41,4 +46,6 @@ __all__ = [
     "SupervisedSegmentation",
     "TRG",
     "VL2VADiP",
+    "VLMMethod",
+    "VLMSupervised",
 ]

@@ -68,6 +68,7 @@ class MAEPretrain(DistillationMethod):
     """
 
     requires_teacher = False
+    task = "masked-image-modelling"
     # FitSummary prints the score ×100 with a % sign; for a loss that reads as "MSE × 100".
     summary_keys = ("val/loss_rec", "val/teacher_loss_rec", "val/agreement", "val MSE×100")
     #: Encoder blocks (0-based) whose raw outputs :meth:`student_pass` returns; distillers set it.

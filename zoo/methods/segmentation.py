@@ -53,6 +53,7 @@ class SegmentationMethod(DistillationMethod):
 
     summary_keys = ("val/miou", "val/teacher_miou", "val/agreement", "val mIoU")
     agreement_name = "pixel"
+    task = "segmentation"
     student_needs: ClassVar[tuple[TapName, ...]] = ()
     teacher_needs: ClassVar[tuple[TapName, ...]] = ()
 

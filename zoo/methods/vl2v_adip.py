@@ -116,6 +116,8 @@ class VL2VADiP(DistillationMethod):
         that checkpoint with ``ModelCheckpoint(monitor="val/acc")``.
     """
 
+    task = "classification"
+
     requires_teacher: ClassVar[bool] = False  # required by fit (checked there), not by evaluation
 
     def __init__(
@@ -358,6 +360,8 @@ class CLIPContrastive(DistillationMethod):
         class_names: the class words; default: the data module's ``class_names``.
         **kwargs: :class:`~zoo.methods.base.DistillationMethod` arguments.
     """
+
+    task = "vision-language"
 
     requires_teacher: ClassVar[bool] = False
     summary_keys: ClassVar[tuple[str, str, str, str]] = (
