@@ -95,7 +95,7 @@ class TrajectoryMatching(L.LightningModule):
             trains them with momentum 0.9; an α learned with plain inner SGD (MTT, DATM) then takes steps ~10× as
             large in evaluation, while an α learned with AST's inner momentum 0.9 already includes the momentum
             gain and is ~10× smaller, so its evaluation is colder. ``1 / (1 − inner_momentum)`` puts an AST set on
-            MTT's footing (digits: see the README's dataset-distillation benchmark).
+            MTT's footing (docs/faithfulness.md#dataset-distillation).
         output: path of the distilled-set artifact (default: ``<log_dir>/distilled.safetensors``).
         seed: seeds the module's generator, the source of every random draw of the iteration (experts, start
             epochs, synthetic batches, one DSA seed per inner step, AST's perturbation); checkpoints carry its state.
