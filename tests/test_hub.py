@@ -31,7 +31,7 @@ def test_shipped_teacher_is_a_registry_entry_that_loads_verified():
         source.build(num_classes=100)
     names = [e["name"] for e in hub.list_checkpoints("digits-*")]
     assert "digits-resnet32-teacher" in names and names == sorted(names)
-    assert [e["name"] for e in hub.list_checkpoints("*-teacher")] == ["digits-resnet32-teacher"]
+    assert [e["name"] for e in hub.list_checkpoints("*resnet32-teacher")] == ["digits-resnet32-teacher"]
     assert hub.list_checkpoints("nothing-*") == []
     with pytest.raises(KeyError, match="known: .*digits-resnet32-teacher"):
         hub.get_entry("nope")
