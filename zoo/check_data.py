@@ -47,13 +47,13 @@ def check_dataset(dataset: Any, num_classes: int, ignore_index: int | None = Non
     return {"checked": n, "unreadable": unreadable, "bad_labels": bad_labels}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], parser_mode: str = "omegaconf") -> None:
+    """``zoo check-data`` (``parser_mode``: the ``zoo`` command's, so configs interpolate as they do for ``fit``)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from zoo.cli import _parser_mode
     from zoo.data.base import ZooDataModule
 
-    parser = ArgumentParser(prog="zoo check-data", exit_on_error=False, parser_mode=_parser_mode())
+    parser = ArgumentParser(prog="zoo check-data", exit_on_error=False, parser_mode=parser_mode)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(ZooDataModule, "data", required=True)
     for section in ("trainer", "model", "summary", "optimizer", "lr_scheduler"):

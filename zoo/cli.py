@@ -218,7 +218,9 @@ class ZooCLI(LightningCLI):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"--ckpt_path: {path} is not a readable checkpoint (truncated or corrupt: {reason})") from None
+            raise ValueError(
+                f"--ckpt_path: {path} is not a readable checkpoint (truncated or corrupt: {reason})"
+            ) from None
         if "state_dict" not in checkpoint:
             raise ValueError(f"--ckpt_path: {path} is not a Lightning checkpoint (it has no state_dict)")
         run = path.parent.parent if path.parent.name == "checkpoints" else None
@@ -345,11 +347,20 @@ def _threads_per_process(trainer: Trainer) -> None:
 
 def test_metrics(config_file: Path, ckpt: Path) -> dict[str, float]:
     """Runs ``zoo test`` on a run's own config and checkpoint; returns the test split's metrics."""
-    cli = ZooCLI(
-        args=["test", "--config", str(config_file), "--ckpt_path", str(ckpt), "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false", "--verbose=false"],
-        save_config_callback=None,
-    )
+    import warnings
+
+    _route_lightning_output()
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when given `args` while sys.argv holds a command
+    try:
+        with warnings.catch_warnings():  # no logger here, so the checkpoint callbacks' folder differs: nothing to keep
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from .* won't be reloaded")
+            cli = ZooCLI(
+                args=["test", "--config", str(config_file), "--ckpt_path", str(ckpt), "--trainer.logger=false",
+                      "--trainer.enable_progress_bar=false", "--verbose=false"],
+                save_config_callback=None,
+            )
+    finally:
+        sys.argv = saved
     return {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
 
 
@@ -357,15 +368,18 @@ def main(args: ArgsType = None) -> None:
     """``zoo fit|validate|test|predict`` (LightningCLI) and ``zoo check-data``; a failure is reported in one line
     (``--debug`` or ``ZOO_DEBUG=1``: the full traceback)."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "checkpoints":
-        from zoo.__main__ import main as dispatch
-
-        return dispatch(argv)
     cli_args = [a for a in argv if a != "--debug"]
+    if argv and argv[0] == "checkpoints":
+        from zoo.hub_cli import main as checkpoints_main
+
+        def checkpoints() -> None:
+            raise SystemExit(checkpoints_main(cli_args[1:], test_metrics=test_metrics))
+
+        return run_reporting_errors(checkpoints, argv, prog="zoo checkpoints")
     if argv and argv[0] == "check-data":
         from zoo.check_data import main as check_data
 
-        return run_reporting_errors(lambda: check_data(cli_args[1:]), argv, prog="zoo check-data")
+        return run_reporting_errors(lambda: check_data(cli_args[1:], _parser_mode()), argv, prog="zoo check-data")
     run_reporting_errors(lambda: _run_cli(cli_args), argv)
 
 
@@ -392,6 +406,8 @@ def _route_lightning_output() -> None:
             if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _FdStdout):
                 handler.setStream(_FdStdout())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # validating or testing a run's checkpoint: ExactResume carries a fit's random state, which only a resume needs
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`.* callbacks: \['ExactResume'\]\.$")
 
 
 def _run_cli(cli_args: list[str]) -> None:
