@@ -38,7 +38,10 @@ from commands import merge_commands, this_command
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ROOT / "configs" / "dataset_distillation" / "digits"
-BUFFERS = {"experts": "runs/dataset_distillation/digits/experts", "experts_smooth": "runs/dataset_distillation/digits/experts_smooth"}
+BUFFERS = {
+    "experts": "runs/dataset_distillation/digits/experts",
+    "experts_smooth": "runs/dataset_distillation/digits/experts_smooth",
+}
 METHODS = ("mtt", "datm", "ast")
 
 
@@ -47,7 +50,7 @@ def peak_rss_mb() -> float:
 
 
 def worker(config: str, seed: int, overrides: list[str] | tuple[str, ...] = ()) -> None:
-    """Runs one distillation in this process (``overrides``: extra CLI arguments); prints a JSON line with its numbers."""
+    """Runs one distillation in this process (``overrides``: extra CLI arguments); prints a JSON line of numbers."""
     from zoo.cli import ZooCLI
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +75,8 @@ def worker(config: str, seed: int, overrides: list[str] | tuple[str, ...] = ()) 
 
 
 def idle_rss() -> float:
-    code = "import torch, zoo.dataset_distillation, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    code = ("import torch, zoo.dataset_distillation, resource; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -133,7 +137,8 @@ def random_real(ipc: int, draws: int, epochs: int = 300) -> list[float]:
     for draw in range(draws):
         g = torch.Generator().manual_seed(draw)
         idx = torch.cat([
-            (labels == c).nonzero().flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:ipc]] for c in range(10)
+            (labels == c).nonzero().flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:ipc]]
+            for c in range(10)
         ])
         result = evaluate_synthetic(
             lambda: source.build(num_classes=10, in_chans=1), images[idx], labels[idx], 0.02, lambda: test,
@@ -218,7 +223,9 @@ def render(results: dict, args: argparse.Namespace) -> str:
             secs = statistics.mean(r["seconds"] for r in runs)
             rss = max(r["peak_rss_mb"] for r in runs)
             lr = statistics.mean(r["syn_lr"] for r in runs)
-            lines.append(f"| {ipc} | {method.upper()} | {mean_std(accs)} | {gap:+.2f} | {secs:.0f} | {rss:.0f} | {lr:.4f} |")
+            lines.append(
+                f"| {ipc} | {method.upper()} | {mean_std(accs)} | {gap:+.2f} | {secs:.0f} | {rss:.0f} | {lr:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

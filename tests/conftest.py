@@ -1,4 +1,6 @@
+import ctypes
 import functools
+import gc
 import os
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -13,9 +15,20 @@ torch.set_num_threads(int(os.environ.get("ZOO_TEST_THREADS", max(1, min(2, os.cp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+try:  # glibc: hands freed heap back to the OS, so one test's large models do not stay in the process's RSS
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):
+    _LIBC = None
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 @pytest.fixture
