@@ -70,9 +70,9 @@ def tiny_clip() -> clip.OpenCLIPModel:
     return clip.OpenCLIPModel("ViT-B-16", model_cfg=clip.DIGITS_CLIP_CFG)
 
 
-def vlm(recipe: str) -> tuple[L.LightningModule, DataLoader]:
-    """A VLM method from the tiny recipes of tests/vlm/test_methods.py, with its digits-VQA training loader."""
-    recipes = importlib.import_module("tests.vlm.test_methods")
+def vlm(recipe: str, module: str = "test_methods") -> tuple[L.LightningModule, DataLoader]:
+    """A VLM method from the tiny recipes of tests/vlm/<module>.py, with its digits-VQA training loader."""
+    recipes = importlib.import_module(f"tests.vlm.{module}")
     method, datamodule = getattr(recipes, recipe)()
     datamodule.setup("fit")
     return method, datamodule.train_dataloader()
@@ -122,6 +122,7 @@ RECIPES: dict[str, Callable[[], tuple[L.LightningModule, object]]] = {
     "VLMSupervised": lambda: vlm("tiny_vlmsupervised"),
     "LLaVAKD": lambda: vlm("tiny_llavakd"),
     "LLaVAMoD": lambda: vlm("tiny_llavamod"),
+    "MaTVLM": lambda: vlm("tiny_matvlm", "test_matvlm"),
     "FineTune": lambda: (zoo.methods.FineTune(MAEEncoderModel("mae_vit_tiny_digits", num_classes=10,
                                                               overrides=TINY_MAE), num_classes=10, in_chans=1,
                                               layer_decay=0.75), images()),

@@ -6,6 +6,7 @@ from zoo.methods.dhkd import DHKD
 from zoo.methods.lad import LAD, LADTeacher
 from zoo.methods.llava_kd import LLaVAKD
 from zoo.methods.llava_mod import LLaVAMoD
+from zoo.methods.matvlm import MaTVLM
 from zoo.methods.meal import MEALV2
 from zoo.methods.mgd import MGD
 from zoo.methods.mim import FineTune, LinearProbe, MAEPretrain
@@ -39,6 +40,7 @@ __all__ = [
     "MAEPretrain",
     "MEALV2",
     "MGD",
+    "MaTVLM",
     "Outputs",
     "PixelKD",
     "SegmentationMethod",
