@@ -21,9 +21,20 @@ Parts:
              one process, interleaved rounds, median; tokens/s and peak memory (RSS of a separate process, minus an
              idle one) with the chunked L_rel (``rel_chunk_size: 8192``) and without (``null``, plain autograd);
              and L_rel alone at LLaVA-KD's real shapes (2 images × 576 visual tokens × V = 151,936, bf16 logits).
+    matvlm   MaTVLM (spec §3 (h)) on its own ``teacher.yaml`` run (seed 0): ``matvlm_25.yaml`` (layer 0 of 4 → Mamba-2)
+             and ``matvlm_50.yaml`` (layers 0, 2), 300 steps each, in three arms: attention init (the method),
+             random init of the Mamba mixers, and attention init with KL only (no layer term). Reported: the held-out
+             KL (L_KL, summed over the 24 positions of each of the 397 test sequences, and at the answer position)
+             at steps 0, 25, 50, 100, 200 and 300; test accuracy as a share of the teacher's (bar: ≥ 95 %). Then
+             greedy generation through transformers' ``generate`` (batch 1, 16-token prompt, up to 16k new tokens)
+             of the teacher and its 25 % / 50 % hybrids, each in a separate process: decoding tokens/s as the
+             sequence grows, the cache's bytes (KV tensors; conv + SSM states) and the peak RSS over the built model.
+             Two architectures: the digits LM (Qwen2 h=128, L=4, GQA 4/2) and a scaled-down Phi-2 shape (parallel
+             blocks, h=256, L=8, 8 heads, MHA, vocab 1024; up to 4k new tokens), random weights (speed only).
 
     python benchmarks/vlm_digits.py                       # everything, 3 seeds
     python benchmarks/vlm_digits.py --parts speed         # one part: it replaces that part of the results
+    python benchmarks/vlm_digits.py --parts matvlm        # MaTVLM (about an hour on one contended CPU thread)
 
 Results: benchmarks/results/vlm_digits.{json,md} (a run with other seeds starts the files afresh).
 """
@@ -34,6 +45,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -84,7 +96,8 @@ class LossTrace:
 
 
 def fit(config: str, seed: int, workdir: Path, teacher: str | None = None, student: str | None = None,
-        extra: list[str] = (), trace: bool = False) -> tuple[Any, float, dict[str, list[float]]]:
+        extra: list[str] = (), trace: bool = False,
+        callbacks: list[Any] = ()) -> tuple[Any, float, dict[str, list[float]]]:
     """Fits a shipped digits config (quietly, no logger) with ``seed``; returns the CLI, fit seconds, loss trace."""
     from zoo.cli import ZooCLI
 
@@ -102,6 +115,7 @@ def fit(config: str, seed: int, workdir: Path, teacher: str | None = None, stude
     tracer = LossTrace() if trace else None
     if tracer:
         cli.trainer.callbacks.append(tracer.callback)
+    cli.trainer.callbacks.extend(callbacks)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     seconds = time.perf_counter() - start
@@ -376,6 +390,272 @@ def run_speed(rounds: int, steps: int) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------- MaTVLM
+MATVLM_CONFIGS = {"25 %": "matvlm_25", "50 %": "matvlm_50"}
+#: arm → (init of the Mamba mixers, layer_weight)
+MATVLM_ARMS = {"attention init": ("attention", 1.0), "random init": ("random", 1.0),
+               "attention init, KL only": ("attention", 0.0)}
+MATVLM_KL_STEPS = (0, 25, 50, 100, 200, 300)
+#: generation benchmark: architecture → (causal LM config, {share: converted layers}, new tokens, checkpoints)
+GEN_ARCHS: dict[str, tuple[dict[str, Any], dict[str, list[int]], int]] = {
+    "digits": ({}, {"25 %": [0], "50 %": [0, 2]}, 16384),  # the LM of teacher.yaml (filled in by _gen_lm_config)
+    "phi": ({"model_type": "phi", "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 1024,
+             "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8,
+             "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2},
+            {"25 %": [0, 4], "50 %": [0, 2, 4, 6]}, 4096),
+}
+GEN_CHECKPOINTS = (256, 1024, 2048, 4096, 8192, 16384)
+
+
+def _hybrid_spec(config: str, teacher: str, init: str) -> dict[str, Any]:
+    """The config's student (a ``HybridMambaVLM``) converting ``teacher`` with mixer initialisation ``init``."""
+    spec = _model_spec(config, "student", None)
+    source = spec["init_args"]["source"]
+    source = {**source, "init_args": {**source["init_args"], "checkpoint": teacher}}
+    return {**spec, "init_args": {**spec["init_args"], "source": source, "init": init}}
+
+
+class HeldOutKL:
+    """Measures, before the chosen optimizer steps and after the last, the held-out KL and accuracy of the student
+    (a Lightning callback; the frozen teacher's test logits are computed once)."""
+
+    def __init__(self, steps: tuple[int, ...]) -> None:
+        import lightning as L
+
+        outer = self
+
+        class _CB(L.Callback):
+            def on_train_batch_start(cb, trainer, method, batch, batch_idx) -> None:
+                if trainer.global_step in steps and trainer.global_step not in outer.values:
+                    outer.values[trainer.global_step] = outer.measure(trainer, method)
+
+            def on_train_end(cb, trainer, method) -> None:
+                if trainer.global_step in steps and trainer.global_step not in outer.values:
+                    outer.values[trainer.global_step] = outer.measure(trainer, method)
+
+        self.callback, self.values, self._teacher = _CB(), {}, None
+
+    def measure(self, trainer: Any, method: Any) -> dict[str, float]:
+        from zoo.losses.llava_kd import response_mask, token_divergence
+        from zoo.methods.vlm import answer_correct
+
+        loader = trainer.datamodule.test_dataloader()
+        training = method.student.training
+        method.student.eval()
+        kl, kl_answer, answers, correct, n = 0.0, 0.0, 0, 0, 0
+        with torch.no_grad():
+            if self._teacher is None:
+                self._teacher = [method.run(method.teacher, batch).logits for batch in loader]
+            for batch, teacher in zip(loader, self._teacher):
+                logits = method.run(method.student, batch).logits
+                per_position = token_divergence(logits, teacher)
+                answer = response_mask(batch["labels"])
+                kl += float(per_position.sum())
+                kl_answer += float(per_position[answer].sum())
+                answers += int(answer.sum())
+                correct += int(answer_correct(logits, batch["labels"]).sum())
+                n += logits.shape[0]
+        method.student.train(training)
+        return {"kl": kl / n, "kl_answer": kl_answer / answers, "acc": correct / n}
+
+
+def run_matvlm(seeds: list[int], workdir: Path, gen_tokens: int | None) -> dict[str, Any]:
+    cli, seconds, _ = fit("teacher", 0, workdir)
+    teacher = save(cli, workdir / "matvlm_teacher.ckpt")
+    out: dict[str, Any] = {"teacher": {"seconds": seconds, **test_acc(cli)}, "runs": {}}
+    print(f"matvlm teacher: test {100 * out['teacher']['acc']:.2f} % in {seconds:.0f} s", flush=True)
+    steps = tuple(s for s in MATVLM_KL_STEPS if MAX_STEPS is None or s <= MAX_STEPS)
+    for share, config in MATVLM_CONFIGS.items():
+        for seed in seeds:
+            for arm, (init, layer_weight) in MATVLM_ARMS.items():
+                probe = HeldOutKL(steps)
+                extra = [f"--model.init_args.student={json.dumps(_hybrid_spec(config, teacher, init))}",
+                         f"--model.init_args.layer_weight={layer_weight}"]
+                cli, seconds, _ = fit(config, seed, workdir, teacher=teacher, extra=extra, callbacks=[probe.callback])
+                r = {"seed": seed, "seconds": seconds, **test_acc(cli),
+                     "held_out": {str(k): v for k, v in sorted(probe.values.items())}}
+                out["runs"].setdefault(share, {}).setdefault(arm, []).append(r)
+                print(f"matvlm {share} {arm} seed {seed}: test {100 * r['acc']:.2f} % (teacher "
+                      f"{100 * r['teacher_acc']:.2f} %), held-out KL "
+                      + " → ".join(f"{v['kl']:.3f}" for v in probe.values.values()) + f" in {seconds:.0f} s",
+                      flush=True)
+    out["generation"] = run_generation(gen_tokens)
+    return out
+
+
+def _gen_lm_config(arch: str) -> dict[str, Any]:
+    if arch == "digits":
+        import yaml
+
+        spec = yaml.safe_load((CONFIGS / "teacher.yaml").read_text())["model"]["init_args"]["student"]
+        return dict(spec["init_args"]["language_model"])
+    return dict(GEN_ARCHS[arch][0])
+
+
+def _status_mib(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")) / 1024
+
+
+def _cache_mib(cache: Any) -> float:
+    """Bytes held by a transformers cache: key/value tensors and conv/recurrent states, in MiB."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            value = getattr(layer, name, None)
+            total += value.nbytes if isinstance(value, torch.Tensor) else 0
+        for name in ("conv_states", "recurrent_states"):
+            total += sum(v.nbytes for v in (getattr(layer, name, None) or {}).values() if isinstance(v, torch.Tensor))
+    return total / 2**20
+
+
+def gen_probe(arch: str, layers: list[int], tokens: int) -> dict[str, Any]:
+    """In this process: greedy ``generate`` of ``tokens`` new tokens by the ``arch`` LM with ``layers`` converted;
+    tokens/s over the last eighth before each checkpoint, the cache's MiB and the RSS there, the peak RSS."""
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StoppingCriteria, StoppingCriteriaList
+
+    from zoo.models.hybrid_mamba import convert_to_mamba
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    options = _gen_lm_config(arch)
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(options.pop("model_type"), **options)).eval()
+    if layers:
+        convert_to_mamba(lm, layers, chunk_size=64)
+    prompt = torch.randint(3, lm.config.vocab_size, (1, 16))
+    with torch.no_grad():  # a first short run, so one-time allocations and warnings are not timed
+        lm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                    eos_token_id=None, pad_token_id=0)
+    idle = _status_mib("VmHWM")
+    cache = DynamicCache(config=lm.config)
+    marks = [c for c in GEN_CHECKPOINTS if c <= tokens]
+    clock: list[float] = []
+    at: dict[int, dict[str, float]] = {}
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            clock.append(time.perf_counter())
+            new = len(clock)
+            if new in marks:
+                at[new] = {"cache_mib": _cache_mib(cache), "rss_mib": _status_mib("VmRSS")}
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        lm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                    min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0, cache=cache,
+                    stopping_criteria=StoppingCriteriaList([Clock()]))
+    seconds = time.perf_counter() - start
+    for mark in marks:
+        window = max(16, mark // 8)
+        at[mark]["tokens_per_s"] = window / (clock[mark - 1] - clock[mark - 1 - window])
+    return {"at": {str(k): v for k, v in at.items()}, "seconds": seconds, "tokens": tokens,
+            "peak_rss_over_model_mib": _status_mib("VmHWM") - idle,
+            "cache_layers": sorted({type(layer).__name__ for layer in cache.layers})}
+
+
+def run_generation(tokens: int | None) -> dict[str, Any]:
+    """Two rounds per architecture, the second in reverse order (teacher, 25 %, 50 %, then 50 %, 25 %, teacher), so
+    a change of the shared machine's load weighs on every model alike; the table gives the mean of the rounds."""
+    out: dict[str, Any] = {}
+    for arch, (_, shares, default_tokens) in GEN_ARCHS.items():
+        n = min(tokens, default_tokens) if tokens is not None else default_tokens
+        variants = {"teacher": [], **shares}
+        rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
+        for order in (list(variants), list(variants)[::-1]):
+            for label in order:
+                layers = ",".join(map(str, variants[label]))
+                command = [sys.executable, __file__, "--probe", f"gen:{arch}:{layers}:{n}"]
+                load = os.getloadavg()[0]
+                done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+                r = {**json.loads(done.stdout.strip().splitlines()[-1]), "load_before": load}
+                rounds[label].append(r)
+                last = r["at"][str(max(int(k) for k in r["at"]))]
+                print(f"generation {arch} {label}: {last['tokens_per_s']:.1f} tokens/s at {n} new tokens, cache "
+                      f"{last['cache_mib']:.1f} MiB, peak RSS +{r['peak_rss_over_model_mib']:.0f} MiB "
+                      f"({r['seconds']:.0f} s, load {load:.1f})", flush=True)
+        for label, rs in rounds.items():
+            at = {mark: {key: statistics.mean(r["at"][mark][key] for r in rs) for key in rs[0]["at"][mark]}
+                  for mark in rs[0]["at"]}
+            out.setdefault(arch, {})[label] = {
+                "at": at, "rounds": rs, "tokens": n,
+                "peak_rss_over_model_mib": statistics.mean(r["peak_rss_over_model_mib"] for r in rs),
+                "load": [r["load_before"] for r in rs]}
+    return out
+
+
+def _share_of(acc: float, teacher: float) -> float:
+    return 100 * acc / teacher if teacher else float("nan")
+
+
+def report_matvlm(mt: dict[str, Any]) -> list[str]:
+    teacher = mt["teacher"]["acc"]
+    runs = mt["runs"]
+    steps = sorted({int(k) for share in runs.values() for arm in share.values() for r in arm for k in r["held_out"]})
+    lines = ["#### MaTVLM (`matvlm_25.yaml`: layer 0 of 4 → Mamba-2; `matvlm_50.yaml`: layers 0, 2; one stage, "
+             "KL + layer alignment, Mamba mixers + projector trained)", "",
+             f"Teacher (`teacher.yaml`, seed 0, its own run): {100 * teacher:.2f} % test accuracy "
+             f"({mt['teacher']['seconds']:.0f} s).", "",
+             "Held-out KL (L_KL on the 397 test sequences: KL(p_T ‖ p_S) summed over the 24 positions, mean over "
+             "sequences; in brackets the KL at the answer position), mean ± std over seeds, by optimizer step:", "",
+             "| layers | arm | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    verdicts = []
+    for share, arms in runs.items():
+        for arm, rs in arms.items():
+            cells = []
+            for s in steps:
+                kl = [r["held_out"][str(s)]["kl"] for r in rs if str(s) in r["held_out"]]
+                ans = [r["held_out"][str(s)]["kl_answer"] for r in rs if str(s) in r["held_out"]]
+                cells.append(f"{_ms(kl, 1)} ({statistics.mean(ans):.3f})" if kl else "—")
+            lines.append(f"| {share} | {arm} | " + " | ".join(cells) + " |")
+        att, rnd = arms.get("attention init"), arms.get("random init")
+        later = [s for s in steps if s > 0]
+        if att and rnd and later:
+            pairs = [(a["held_out"][str(s)]["kl"], b["held_out"][str(s)]["kl"])
+                     for a, b in zip(att, rnd) for s in later if str(s) in a["held_out"] and str(s) in b["held_out"]]
+            wins = sum(x < y for x, y in pairs)
+            verdicts.append(f"{share}: attention init below random init in {wins} of {len(pairs)} (seed, step > 0) "
+                            f"pairs: {'met' if pairs and wins == len(pairs) else 'NOT met'}")
+    lines += ["", "Bar (spec §3 (h)): the attention-init arm reaches lower held-out KL at equal steps. "
+              + "; ".join(verdicts) + ".", "",
+              "| layers | arm | test acc (%) | per seed | share of the teacher | ≥ 95 % | s / run |",
+              "|---|---|---|---|---|---|---|"]
+    for share, arms in runs.items():
+        for arm, rs in arms.items():
+            accs = [r["acc"] for r in rs]
+            frac = _share_of(statistics.mean(accs), teacher)
+            lines.append(f"| {share} | {arm} | {_ms(accs)} | {' / '.join(f'{100 * a:.1f}' for a in accs)} | "
+                         f"{frac:.1f} % | {'met' if frac >= 95 else 'NOT met'} | "
+                         f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
+    def step0(rs: list[dict[str, Any]]) -> float:
+        return 100 * statistics.mean(r["held_out"]["0"]["acc"] for r in rs)
+
+    lines += ["", "Accuracy at step 0 (the converted model before any training), attention / random init: "
+              + "; ".join(f"{share} {step0(arms['attention init']):.1f} / {step0(arms['random init']):.1f} %"
+                          for share, arms in runs.items() if "attention init" in arms and "random init" in arms
+                          and "0" in arms["attention init"][0]["held_out"]) + ".", ""]
+    gen = mt.get("generation", {})
+    names = {"digits": "digits LM (Qwen2 h=128, L=4, 4 heads / 2 KV heads)",
+             "phi": "Phi-2 shape scaled down (parallel blocks, h=256, L=8, 8 heads, MHA, vocab 1024)"}
+    for arch, variants in gen.items():
+        marks = sorted({int(k) for v in variants.values() for k in v["at"]})
+        loads = sorted(x for v in variants.values() for x in v.get("load", []))
+        lines += [f"Greedy generation, {names.get(arch, arch)}: batch 1, 16-token prompt, transformers `generate` "
+                  "with its DynamicCache, 1 thread, each model in its own process, mean of 2 rounds (the second in "
+                  f"reverse order; 1-minute load average of the shared 2-core machine {loads[0]:.1f}–{loads[-1]:.1f} "
+                  "before the runs); tokens/s over the last eighth before each length (cache MiB there):",
+                  "", "| model | " + " | ".join(f"{m} new tokens" for m in marks) + " | peak RSS over the model |",
+                  "|---|" + "---|" * (len(marks) + 1)]
+        for label, r in variants.items():
+            cells = [f"{r['at'][str(m)]['tokens_per_s']:.0f} tok/s ({r['at'][str(m)]['cache_mib']:.2f} MiB)"
+                     for m in marks]
+            lines.append(f"| {label if label == 'teacher' else 'hybrid ' + label} | " + " | ".join(cells)
+                         + f" | {r['peak_rss_over_model_mib']:.0f} MiB |")
+        lines.append("")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------- report
 def _ms(values: list[float], scale: float = 100.0) -> str:
     mean = statistics.mean(values)
@@ -462,20 +742,28 @@ def report(results: dict[str, Any], command: str) -> str:
                   "", f"L_rel alone at LLaVA-KD's shapes (2 × 576 visual tokens × V = 151,936, bf16 logits, forward + "
                   f"backward): chunked {rel['chunked_s']:.2f} s, {rel['chunked_mib']:.0f} MiB over idle; plain "
                   f"autograd {rel['plain_s']:.2f} s, {rel['plain_mib']:.0f} MiB over idle.", ""]
+    if "matvlm" in results:
+        lines += report_matvlm(results["matvlm"])
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["kd", "mod", "speed"], choices=["kd", "mod", "speed"])
+    parser.add_argument("--parts", nargs="+", default=["kd", "mod", "speed", "matvlm"],
+                        choices=["kd", "mod", "speed", "matvlm"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=str(RESULTS / "vlm_digits"))
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run (smoke test; not for results)")
+    parser.add_argument("--gen-tokens", type=int, default=None, help="cap the MaTVLM generation length (smoke test)")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe and args.probe.startswith("gen:"):  # gen:<arch>:<converted layers>:<new tokens>
+        _, arch, layers, tokens = args.probe.split(":")
+        print(json.dumps(gen_probe(arch, [int(i) for i in layers.split(",") if i], int(tokens))))
+        return 0
     if args.probe:
         probe_main(args.probe, args.probe_steps)
         return 0
@@ -494,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
             results["mod"] = run_mod(teacher, seeds, workdir)
         if "speed" in args.parts:
             results["speed"] = run_speed(args.rounds, args.steps)
+        if "matvlm" in args.parts:
+            results["matvlm"] = run_matvlm(seeds, workdir, args.gen_tokens)
     from commands import merge_commands
 
     command = " ".join(["python", "benchmarks/vlm_digits.py", *(sys.argv[1:] if argv is None else argv)])

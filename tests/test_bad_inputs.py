@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from zoo.__main__ import main
 
@@ -130,7 +129,7 @@ VOC_ARGS = ["--data=zoo.data.VOCSegmentationDataModule", "--data.init_args.root=
 
 FOLDER = ["fit", "--config", "configs/classification/mnist_like/baseline.yaml", "--data.init_args.root={tmp}/folder",
           "--data.init_args.batch_size=4", "--data.init_args.num_workers=0", "--trainer.accelerator=cpu",
-          f"--trainer.default_root_dir={{tmp}}/runs", *QUICK]
+          "--trainer.default_root_dir={tmp}/runs", *QUICK]
 
 CASES: dict[str, Case] = {
     # -------------------------------------------------------------------- numbers and names in the config

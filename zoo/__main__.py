@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _test_metrics(config_file, ckpt):  # noqa: ANN001, ANN202 - the hub CLI's evaluation callback
-    from zoo.cli import test_metrics
+    from zoo.cli import test_metrics  # Lightning is imported only when a publish evaluates a run
 
     return test_metrics(config_file, ckpt)
 

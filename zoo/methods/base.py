@@ -15,7 +15,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 
-from zoo.divergence import check_finite_state, check_finite_terms
+from zoo.divergence import check_finite_state, check_finite_terms, log_loss_values, log_stopped_step
 from zoo.models.sources import ModelSource, as_config, build_model, source_from_config
 from zoo.teacher import Teacher, freeze
 
@@ -28,7 +28,6 @@ TeacherLike = ModelSource | nn.Module | list[ModelSource]
 @dataclass
 class Outputs:
     """What one forward pass of a network gives the losses: logits and the tapped features."""
-
     logits: Tensor
     features: dict[str, Tensor] = field(default_factory=dict)
 
@@ -81,8 +80,7 @@ class DistillationMethod(L.LightningModule):
         if type(self).training_step is L.LightningModule.training_step:
             raise TypeError(f"{type(self).__name__} defines no training_step (family bases and methods define it)")
         arguments = _init_arguments(inspect.currentframe())
-        # The arguments as given (modules included), for building; the hyper-parameters are config data only, so
-        # checkpoints load with torch.load(weights_only=True) and rebuild the method.
+        # Arguments as given (modules too) for building; hparams are config data only (weights_only checkpoints)
         self.sources: dict[str, Any] = {k: v for k, v in arguments.items() if _holds(v, (nn.Module, ModelSource))}
         hparams = {k: as_config(v) for k, v in arguments.items() if not _holds(v, nn.Module)}
         hparams = {k: v for k, v in hparams.items() if k not in ("optimizer", "lr_scheduler")}
@@ -97,7 +95,6 @@ class DistillationMethod(L.LightningModule):
         self.configure_losses()
         self.configure_metrics()
 
-    # ----------------------------------------------------------------------------------------------- hooks
     def source(self, name: str) -> Any:
         """The init argument ``name`` as given (module or source object), else its config data."""
         return self.sources.get(name, self.hparams.get(name))
@@ -120,15 +117,13 @@ class DistillationMethod(L.LightningModule):
     def configure_metrics(self) -> None:
         """Creates the metric modules."""
 
-    # ----------------------------------------------------------------------------------------------- teachers
     def add_teacher(self, name: str, module: nn.Module) -> nn.Module:
         """Freezes ``module`` and holds it as teacher ``name``, outside the registered submodules."""
         self._teachers[name] = freeze(module)
         return module
 
     @property
-    def teacher(self) -> Any:
-        """The teacher named ``teacher`` (``None`` without one)."""
+    def teacher(self) -> Any:  # the teacher named ``teacher`` (``None`` without one)
         return self._teachers.get("teacher")
 
     @property
@@ -141,29 +136,29 @@ class DistillationMethod(L.LightningModule):
             teacher._apply(fn, *args, **kwargs)
         return self
 
-    def on_fit_start(self) -> None:
-        # Strategies that place parameters themselves (FSDP, DeepSpeed) may not call .to() on the module.
+    def on_fit_start(self) -> None:  # strategies that place parameters (FSDP, DeepSpeed) may not call .to()
         for teacher in self._teachers.values():
             teacher.to(self.device).eval()
 
     on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        mean, std = getattr(data, "mean", None), getattr(data, "std", None)
         if mean is not None and std is not None:
             for teacher in self._teachers.values():
                 if isinstance(teacher, Teacher):
                     teacher.set_input_normalization(mean, std)
 
-    # ----------------------------------------------------------------------------------------------- steps
     def log_loss_terms(self, terms: Mapping[str, Tensor], batch_size: int) -> Tensor:
-        """Logs each (weighted) term as ``train/loss_<name>`` and their sum as ``train/loss``; returns the sum."""
+        """Logs the terms as ``train/loss_<name>``, their sum as ``train/loss`` (zoo.divergence); returns the sum."""
         loss = torch.stack(list(terms.values())).sum()
         check_finite_terms(terms, loss, self.global_step)
-        self.log_dict({f"train/loss_{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        log_loss_values(self, terms, loss, batch_size)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # Lightning writes a stop's step
+        log_stopped_step(self)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_finite_state(checkpoint["state_dict"], f"checkpoint at step {self.global_step}")

@@ -451,6 +451,7 @@ class CLIPContrastive(DistillationMethod):
         return self.log_loss_terms({"clip": loss}, x.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         with torch.no_grad():
             self.student.logit_scale.clamp_(0, math.log(100))
 
