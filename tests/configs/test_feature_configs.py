@@ -25,6 +25,10 @@ def _offline_copy(config: str, tmp_path: Path) -> str:
             source["init_args"].pop("checkpoint", None)
             if source["init_args"].get("pretrained"):
                 source["init_args"]["pretrained"] = False
+    if "ImageFolder" in raw["data"]["class_path"]:  # the module checks its folders at construction: empty splits
+        for split in ("train", "val"):
+            (tmp_path / "imagenet" / split).mkdir(parents=True, exist_ok=True)
+        raw["data"]["init_args"]["root"] = str(tmp_path / "imagenet")
     out = tmp_path / Path(config).name
     out.write_text(yaml.safe_dump(raw))
     return str(out)
