@@ -73,3 +73,16 @@ def test_only_the_evaluation_only_exact_resume_hint_is_silenced():
         warnings.warn(hint.format("['ExactResume']"), UserWarning, stacklevel=1)
         warnings.warn(hint.format("['MyCallback', 'ExactResume']"), UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == [hint.format("['MyCallback', 'ExactResume']")]
+
+
+def test_the_cli_parser_imports_no_model_library():
+    """`zoo fit --help` builds LightningCLI's parser from the zoo's classes; timm (which imports wandb) and the other
+    model libraries wait for the first model that is built."""
+    code = (
+        "import sys, zoo.cli\n"
+        "libraries = ('timm', 'wandb', 'open_clip', 'segmentation_models_pytorch')\n"
+        "loaded = sorted(m for m in libraries if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -33,14 +33,16 @@ import inspect
 import os
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from zoo.models.sources import ModelSource, as_normalization, pick_size, read_state_dict
+
+if TYPE_CHECKING:  # timm is imported when a model is built: `zoo --help` and the CLI's parser do without it
+    from timm.models.vision_transformer import VisionTransformer
 
 __all__ = [
     "MAE_MODELS",
@@ -237,6 +239,8 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: bool = False,
     ) -> None:
         super().__init__()
+        from timm.models.vision_transformer import Block, VisionTransformer
+
         if img_size % patch_size:
             raise ValueError(f"MaskedAutoencoder: img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.encoder = VisionTransformer(
@@ -647,6 +651,8 @@ class MAEEncoderModel(ModelSource):
         if self.img_size is not None:
             enc["img_size"] = self.img_size
         enc["in_chans"] = pick_size(self.in_chans, in_chans, cfg["in_chans"])
+        from timm.models.vision_transformer import VisionTransformer
+
         model = VisionTransformer(
             **enc,
             num_classes=pick_size(self.num_classes, num_classes, 1000),
