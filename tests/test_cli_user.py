@@ -48,6 +48,12 @@ def test_checkpoints_list_prints_a_table_with_a_header(capsys):
     assert row.startswith("digits-resnet32-teacher ")
 
 
+def _reorder(row: str, header: str, new_header: list[str]) -> str:
+    """A CSV row of ``header``'s columns written under ``new_header`` (Lightning rewrites the file when keys appear)."""
+    values = dict(zip(header.split(","), row.split(",")))
+    return ",".join(values.get(k, "") for k in new_header)
+
+
 def test_runs_are_named_after_their_config_and_validate_writes_into_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     assert (
@@ -66,6 +72,8 @@ def test_runs_are_named_after_their_config_and_validate_writes_into_the_run(tmp_
     assert [p.name for p in runs.iterdir()] == ["version_0"]
     assert (runs / "version_0" / "checkpoints" / "last.ckpt").is_file()
     config = (runs / "version_0" / "config.yaml").read_text()
+    trained = (runs / "version_0" / "metrics.csv").read_text().splitlines()
+    assert len(trained) > 1  # the fit's rows
     assert (
         run(
             [
@@ -82,6 +90,10 @@ def test_runs_are_named_after_their_config_and_validate_writes_into_the_run(tmp_
     )
     assert [p.name for p in runs.iterdir()] == ["version_0"]  # no new version folder
     assert (runs / "version_0" / "config.yaml").read_text() == config  # the run's own config is kept
+    after = (runs / "version_0" / "metrics.csv").read_text().splitlines()
+    header = after[0].split(",")
+    assert after[1:len(trained)] == [_reorder(row, trained[0], header) for row in trained[1:]]  # training rows kept
+    assert len(after) > len(trained) and "val/acc" in header  # and the validation appended
     assert (
         run(
             [

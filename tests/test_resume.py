@@ -71,13 +71,13 @@ def test_kill_and_resume_equals_uninterrupted(family, tmp_path):
                 "--trainer.deterministic=true", "--summary.enabled=false", "--trainer.enable_model_summary=false",
                 f"--trainer.default_root_dir={tmp_path / root}"]
 
-    # the uninterrupted run and the killed one side by side (one thread each)
+    # the uninterrupted run beside the killed one and then its resumption (one thread each)
     whole = _zoo(tmp_path, args("whole"))
     killed = _zoo(tmp_path, [*args("resumed"), "--trainer.callbacks+=killer.KillAt",
                              f"--trainer.callbacks.step={STEPS + 1}"])
-    assert whole.wait(timeout=600) == 0, whole.stderr.read()
     assert killed.wait(timeout=600) == -signal.SIGKILL, killed.stderr.read()
     resumed = _zoo(tmp_path, [*args("resumed"), "--ckpt_path", "last"])
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
 
     a = torch.load(_last(tmp_path / "whole"), map_location="cpu", weights_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from collections.abc import Mapping
@@ -16,6 +17,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from callbacks.monitor import DistillationMonitor
 from callbacks.resume import ExactResume
@@ -65,6 +68,28 @@ def run_name_of(config_files: list[str]) -> str | None:
     if "configs" in parts:
         return "/".join(parts[len(parts) - parts[::-1].index("configs"):])
     return path.stem
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, appending to a run's ``metrics.csv`` where Lightning's deletes it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the rows already in the run folder's ``metrics.csv``: a resumed fit and a
+    ``validate``/``test`` of a finished run log into the run's own folder and append to its file."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def find_last_checkpoint(root: str | os.PathLike, run_name: str, dirpaths: list[str] = ()) -> Path | None:
@@ -288,8 +313,8 @@ class ZooCLI(LightningCLI):
             # rows reach the file every 10 steps, so a killed run keeps what it logged
             if self._resume_run is not None:  # the checkpoint's own run folder
                 run = self._resume_run
-                return CSVLogger(save_dir=run.parent, name="", version=int(run.name[len("version_"):]),
-                                 flush_logs_every_n_steps=10)
+                return RunCSVLogger(save_dir=run.parent, name="", version=int(run.name[len("version_"):]),
+                                    flush_logs_every_n_steps=10)
             return CSVLogger(save_dir=root, name=name, flush_logs_every_n_steps=10)
 
         if logger is None or logger is True:
