@@ -18,6 +18,7 @@ and prints ``question → answer``.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -75,7 +76,7 @@ def prompts_from_batch(batch: Mapping[str, Any], pad_id: int) -> tuple[Tensor, T
     return out, mask
 
 
-class VLMMethod(DistillationMethod):
+class VLMMethod(DistillationMethod, ABC):
     """Base of the vision-language methods: VLM student and teacher, compatibility checks, exact-answer metrics.
 
     Student and teacher are :class:`zoo.models.vlm.VisionLanguageModel` sources (``LlavaModel``,
@@ -304,9 +305,9 @@ class VLMMethod(DistillationMethod):
         cut = self.hparams.vocab_slice
         return logits[..., :cut] if cut is not None else logits
 
+    @abstractmethod
     def loss_terms(self, student: Any, teacher: Any | None, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """The weighted loss terms of one batch by name; their sum is minimised."""
-        raise NotImplementedError
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         teacher = self.teacher_outputs(batch) if self.uses_teacher else None

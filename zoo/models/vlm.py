@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return value
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(nn.Module, ABC):
     """What every VLM gives the VLM methods.
 
     Attributes:
@@ -83,13 +84,13 @@ class VisionLanguageModel(nn.Module):
                 return group
         return None
 
+    @abstractmethod
     def language_model(self) -> nn.Module:
         """The causal language model whose FFNs MoE upcycling replaces."""
-        raise NotImplementedError
 
+    @abstractmethod
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int = 16, **images: Tensor) -> Tensor:
         """Greedy decoding from left-padded prompts; returns the new tokens (B, T), padded after EOS with EOS."""
-        raise NotImplementedError
 
 
 class LlavaStyleVLM(VisionLanguageModel):
