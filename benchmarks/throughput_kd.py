@@ -189,7 +189,7 @@ class _Repeat(torch.utils.data.IterableDataset):
 
 
 class _Window:
-    """Callback: wall time from the end of batch ``warmup − 1`` to the end of the last batch."""
+    """Callback: wall and thread CPU time from the end of batch ``warmup`` to the end of the last batch."""
 
     def __init__(self, warmup: int, device: str) -> None:
         import lightning as L
@@ -198,14 +198,34 @@ class _Window:
 
         class Cb(L.Callback):
             def on_train_batch_end(self, trainer, *a) -> None:
-                if trainer.global_step == warmup:
+                if trainer.global_step in (warmup, trainer.max_steps):
                     sync(device)
-                    outer.start = time.perf_counter()
-                if trainer.global_step == trainer.max_steps:
-                    sync(device)
-                outer.end = time.perf_counter()
+                    now = (time.perf_counter(), time.thread_time())
+                    if trainer.global_step == warmup:
+                        outer.start = now
+                    else:
+                        outer.end = now
 
-        self.callback, self.start, self.end = Cb(), 0.0, 0.0
+        self.callback, self.start, self.end = Cb(), (0.0, 0.0), (0.0, 0.0)
+
+
+def timing_trainer(args: argparse.Namespace, steps: int, window: _Window):
+    """A Lightning Trainer for ``args.warmup + steps`` steps that only trains: no logger, checkpoint, bar or val."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+        devices=1,
+        max_steps=args.warmup + steps,
+        precision=args.precision if args.precision != "fp32" else "32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[window.callback],
+    )
 
 
 def _synthetic_datamodule(args, n_images: int = 512):
@@ -247,7 +267,6 @@ def _synthetic_datamodule(args, n_images: int = 512):
 
 
 def zoo_runner(kind: str, teacher: nn.Module, student: nn.Module, x: Tensor, y: Tensor, args, cache_dir: str):
-    import lightning as L
 
     from zoo.methods import DKD, KD, KDND
     from zoo.soft_labels import SoftLabels
@@ -283,26 +302,14 @@ def zoo_runner(kind: str, teacher: nn.Module, student: nn.Module, x: Tensor, y: 
 
     def run(n: int) -> None:
         window = _Window(args.warmup, args.device)
-        trainer = L.Trainer(
-            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-            devices=1,
-            max_steps=args.warmup + n,
-            precision=args.precision if args.precision != "fp32" else "32-true",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[window.callback],
-        )
+        trainer = timing_trainer(args, n, window)
         if datamodule is not None:
             trainer.fit(method, datamodule=datamodule)
         else:
             trainer.fit(method, train_dataloaders=loader)
         state["window"] = window
 
-    run.timed_window = lambda: state["window"].end - state["window"].start  # type: ignore[attr-defined]
+    run.timed_window = lambda: state["window"].end[0] - state["window"].start[0]  # type: ignore[attr-defined]
     run.method = method  # type: ignore[attr-defined]
     return run
 

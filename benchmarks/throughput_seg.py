@@ -44,7 +44,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -55,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from throughput_kd import _Repeat, sync
+from throughput_kd import _Repeat, _Window, autocast, sync, timing_trainer
 
 VARIANTS = ("zoo_cwd", "loop_cwd", "zoo_mgd", "loop_mgd", "zoo_cwd_nocheck")
 IGNORE, TAU, CWD_WEIGHT = 255, 4.0, 3.0
@@ -122,12 +121,6 @@ def make_batch(args: argparse.Namespace, method: str):
         return images(), labels()
     labelled, unlabelled, mix = (images(), labels()), (images(), labels()), (images(), labels())
     return {"labelled": labelled, "unlabelled": unlabelled, "unlabelled_mix": mix}
-
-
-def autocast(args: argparse.Namespace):
-    if args.precision == "bf16-mixed":
-        return torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def smp_parts(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,29 +193,7 @@ def loop_runner(method: str, models: list[nn.Module], batch, args) -> Callable[[
 
 
 # ----------------------------------------------------------------------------------------------- Lightning
-class _Window:
-    """Callback: wall and thread CPU time from the end of batch ``warmup`` to the end of the last batch."""
-
-    def __init__(self, warmup: int, device: str) -> None:
-        import lightning as L
-
-        outer = self
-
-        class Cb(L.Callback):
-            def on_train_batch_end(self, trainer, *a) -> None:
-                if trainer.global_step in (warmup, trainer.max_steps):
-                    sync(device)
-                    now = (time.perf_counter(), time.thread_time())
-                    if trainer.global_step == warmup:
-                        outer.start = now
-                    else:
-                        outer.end = now
-
-        self.callback, self.start, self.end = Cb(), (0.0, 0.0), (0.0, 0.0)
-
-
 def zoo_runner(kind: str, models: list[nn.Module], batch, args) -> Callable[[int], None]:
-    import lightning as L
 
     import zoo.methods.base
     from zoo.methods import CWD, MGD
@@ -239,19 +210,7 @@ def zoo_runner(kind: str, models: list[nn.Module], batch, args) -> Callable[[int
 
     def run(n: int) -> None:
         window = _Window(args.warmup, args.device)
-        trainer = L.Trainer(
-            accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-            devices=1,
-            max_steps=args.warmup + n,
-            precision=args.precision if args.precision != "fp32" else "32-true",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[window.callback],
-        )
+        trainer = timing_trainer(args, n, window)
         check = zoo.methods.base.check_finite_terms
         if kind == "zoo_cwd_nocheck":
             zoo.methods.base.check_finite_terms = lambda *a: None
