@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS_WARNING = "args parameter is intended"
 
 
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a new interpreter from the repository root (a fresh ``sys.modules``)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+
+
 def test_checkpoints_list_imports_neither_torch_nor_lightning_and_prints_no_warning():
     code = (
         "import sys, zoo.__main__\n"
@@ -25,7 +30,7 @@ def test_checkpoints_list_imports_neither_torch_nor_lightning_and_prints_no_warn
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning'))\n"
         "assert not loaded, loaded\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    done = _fresh_python(code)
     assert done.returncode == 0, done.stderr
     assert "digits-resnet32-teacher" in done.stdout
     assert done.stderr == ""
@@ -84,5 +89,5 @@ def test_the_cli_parser_imports_no_model_library():
         "loaded = sorted(m for m in libraries if m in sys.modules)\n"
         "assert not loaded, loaded\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    done = _fresh_python(code)
     assert done.returncode == 0, done.stderr
