@@ -111,6 +111,8 @@ def fit(config: str, seed: int, workdir: Path, teacher: str | None = None, stude
     args.append(f"--model.init_args.student={json.dumps(_model_spec(config, 'student', student))}")
     if MAX_STEPS is not None and not any(e.startswith("--trainer.max_steps") for e in extra):
         args.append(f"--trainer.max_steps={MAX_STEPS}")
+    if trace:  # every step's values: a step logs only when Lightning keeps its row (zoo.step_logging)
+        extra = [*extra, "--trainer.log_every_n_steps=1"]
     cli = ZooCLI(args=[*args, *extra], run=False)
     tracer = LossTrace() if trace else None
     if tracer:

@@ -1,5 +1,5 @@
 """Loss terms are logged only on the steps whose values Lightning keeps, and the files say the same as logging every
-step would (zoo.divergence.log_loss_values)."""
+step would (zoo.step_logging)."""
 
 import lightning as L
 import pytest
@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-import zoo.divergence
+import zoo.step_logging
 from zoo.methods import KD
 from zoo.models import CIFARModel
 
@@ -27,7 +27,7 @@ def _fit(tmp_path, name: str, max_steps: int = -1) -> tuple[str, dict[str, float
 @pytest.mark.parametrize("max_steps", [-1, 7])
 def test_metrics_file_equals_logging_every_step(tmp_path, monkeypatch, max_steps):
     kept_csv, kept_metrics = _fit(tmp_path, "kept", max_steps)
-    monkeypatch.setattr(zoo.divergence, "keeps_step_values", lambda trainer: True)
+    monkeypatch.setattr(zoo.step_logging, "keeps_step_values", lambda trainer: True)
     every_csv, every_metrics = _fit(tmp_path, "every", max_steps)
     assert kept_csv == every_csv
     assert kept_metrics == every_metrics

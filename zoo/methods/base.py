@@ -15,8 +15,9 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 
-from zoo.divergence import check_finite_state, check_finite_terms, log_loss_values, log_stopped_step
+from zoo.divergence import check_finite_state, check_finite_terms
 from zoo.models.sources import ModelSource, as_config, build_model, source_from_config
+from zoo.step_logging import log_loss_values, log_stopped_step
 from zoo.teacher import Teacher, freeze
 
 __all__ = ["DistillationMethod", "ModelLike", "Outputs", "TeacherLike"]
@@ -38,10 +39,7 @@ def _holds(value: Any, kinds: type | tuple[type, ...]) -> bool:
 
 def _init_arguments(frame: Any) -> dict[str, Any]:
     """Every init argument of the subclass chain whose ``__init__`` frames end at ``frame`` (Lightning's own walk)."""
-    arguments: dict[str, Any] = {}
-    for level in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
-        arguments.update(level)
-    return arguments
+    return {k: v for level in collect_init_args(frame, [], classes=(HyperparametersMixin,)) for k, v in level.items()}
 
 
 class DistillationMethod(L.LightningModule):
@@ -151,7 +149,7 @@ class DistillationMethod(L.LightningModule):
                     teacher.set_input_normalization(mean, std)
 
     def log_loss_terms(self, terms: Mapping[str, Tensor], batch_size: int) -> Tensor:
-        """Logs the terms as ``train/loss_<name>``, their sum as ``train/loss`` (zoo.divergence); returns the sum."""
+        """Logs the terms as ``train/loss_<name>``, their sum as ``train/loss`` (zoo.step_logging); returns the sum."""
         loss = torch.stack(list(terms.values())).sum()
         check_finite_terms(terms, loss, self.global_step)
         log_loss_values(self, terms, loss, batch_size)

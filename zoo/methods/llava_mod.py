@@ -13,6 +13,7 @@ from zoo.losses.llava_mod import MimicLoss, PreferenceLoss, sequence_logprobs
 from zoo.methods.base import ModelLike, TeacherLike
 from zoo.methods.vlm import VLMMethod, next_token_loss
 from zoo.models.moe import expert_load_entropy, moe_layers
+from zoo.step_logging import log_step_values
 
 __all__ = ["LLaVAMoD"]
 
@@ -103,9 +104,9 @@ class LLaVAMoD(VLMMethod):
     def _log_router(self, aux_losses: list[Tensor], bs: int) -> None:
         if not aux_losses:
             return
-        self.log_dict({f"train/l_aux_{n}": a.detach() for n, a in zip(self._moe_names, aux_losses)}, batch_size=bs)
         entropy = torch.stack([expert_load_entropy(m.expert_counts) for m in self.moe]).mean()
-        self.log("train/expert_entropy", entropy.float(), batch_size=bs)
+        values = {f"train/l_aux_{n}": a.detach() for n, a in zip(self._moe_names, aux_losses)}
+        log_step_values(self, {**values, "train/expert_entropy": entropy.float()}, bs)
 
     def loss_terms(self, student: Any, teacher: Any | None, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         h, labels = self.hparams, batch["labels"]
@@ -143,6 +144,7 @@ class LLaVAMoD(VLMMethod):
         if aux is not None:
             terms["aux"] = aux
         self._log_router(out_l.aux_losses, bs)
-        self.log("train/reward_acc", (reward_w > reward_l).float().mean(), batch_size=bs)
-        self.log("train/reward_margin", (reward_w - reward_l).mean(), batch_size=bs)
+        rewards = {"train/reward_acc": (reward_w > reward_l).float().mean(),
+                   "train/reward_margin": (reward_w - reward_l).mean()}
+        log_step_values(self, rewards, bs)
         return self.log_loss_terms(terms, bs)

@@ -17,6 +17,7 @@ from zoo.methods.base import ModelLike, TeacherLike
 from zoo.methods.vlm import VLMMethod, next_token_loss
 from zoo.models.hybrid_mamba import MambaDecoderLayer, decoder_stack, final_norm, mamba_layer_indices
 from zoo.models.vlm import VLMOutput
+from zoo.step_logging import log_step_values
 
 __all__ = ["LayerTrace", "MaTVLM", "MaTVLMTeacherOutput", "WarmupStableDecayLR", "record_layers"]
 
@@ -196,7 +197,7 @@ class MaTVLM(VLMMethod):
         loss = super().training_step(batch, batch_idx)
         if self._layer_values is not None:
             bs = batch["input_ids"].shape[0]
-            self.log_dict({f"train/layer{i}": v for i, v in zip(self.ssm_layers, self._layer_values)}, batch_size=bs)
+            log_step_values(self, {f"train/layer{i}": v for i, v in zip(self.ssm_layers, self._layer_values)}, bs)
         return loss
 
     # ----------------------------------------------------------------------------------------------- optimizer

@@ -22,6 +22,7 @@ from zoo.losses.vl2v_adip import ClassPromptCLIPLoss, VL2VADiPLoss
 from zoo.methods.base import DistillationMethod, ModelLike
 from zoo.models.clip import CLIPSpaceStudent, class_text_embeddings, clip_tokenizer
 from zoo.models.sources import ModelSource, load_weights, source_from_config
+from zoo.step_logging import log_step_values
 
 __all__ = ["CLIPContrastive", "VL2VADiP", "cutmix_box"]
 
@@ -447,7 +448,7 @@ class CLIPContrastive(DistillationMethod):
         text = F.normalize(self.student.encode_text(tokens[template, classes]).float(), dim=-1)
         image = F.normalize(self.student.encode_image(x).float(), dim=-1)
         loss = self.loss(image, text, target, self.student.logit_scale.exp())
-        self.log("train/logit_scale", self.student.logit_scale.exp().detach(), batch_size=x.shape[0])
+        log_step_values(self, {"train/logit_scale": self.student.logit_scale.exp().detach()}, x.shape[0])
         return self.log_loss_terms({"clip": loss}, x.shape[0])
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
